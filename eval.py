@@ -1,0 +1,156 @@
+"""Metrics. Toy: exact ones against the known Gaussian-mixture target.
+
+    python eval.py runs/toy                 # teacher at 1/2/4/8/100 steps, student at 1/2/4 steps
+    python eval.py --teacher toy-exact      # teacher only
+    python eval.py runs/toy --json m.json   # also write the table as JSON
+
+Metrics (each also given as its finite-sample noise floor: the same metric between two fresh
+ground-truth sample sets of the same size):
+  sw2   sliced Wasserstein-2 distance to fresh reference samples (512 fixed random directions)
+  mmd   unbiased squared MMD, sum of RBF kernels with bandwidths 0.05, 0.2, 1 (on 2,000 points)
+  mode  mode coverage error: total variation between the fraction of samples in each mode (nearest
+        component, Mahalanobis radius <= 4) plus an "off every mode" bin, and the true weights
+  ll    mean log-likelihood of the samples under the true density (higher is better)
+With cfg > 1 the reference for sw2 and mmd is the teacher's 100-step CFG sampler, not the target.
+"""
+import argparse
+import json
+
+import torch
+
+import tdm
+
+
+#################################################################################
+#                          Metrics                                              #
+#################################################################################
+
+def sliced_w2(a, b, n_proj=512, seed=0):
+    """Sliced W2 between equal-size point sets (n, D): sqrt(mean over directions of 1-D W2^2)."""
+    n = min(len(a), len(b))
+    theta = torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    theta = theta / theta.norm(dim=0)                                   # (D, n_proj) unit directions
+    pa = (a[:n].double() @ theta).sort(0).values                        # (n, n_proj)
+    pb = (b[:n].double() @ theta).sort(0).values
+    return (pa - pb).pow(2).mean().sqrt().item()
+
+
+def mmd2(a, b, bandwidths=(0.05, 0.2, 1.0), n=2000):
+    """Unbiased squared MMD with a sum of RBF kernels, on the first n points of each set."""
+    a, b = a[:n].double(), b[:n].double()
+
+    def k(x, y):
+        d2 = torch.cdist(x, y).pow(2)
+        return sum(torch.exp(-d2 / (2 * h ** 2)) for h in bandwidths)
+    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+    m, p = len(a), len(b)
+    return ((kaa.sum() - kaa.diag().sum()) / (m * (m - 1)) + (kbb.sum() - kbb.diag().sum()) / (p * (p - 1))
+            - 2 * kab.mean()).item()
+
+
+def mode_coverage_error(x, gmm, radius=4.0):
+    """TV distance between the samples' mode histogram (with an off-mode bin) and the true mode weights."""
+    comp = gmm.responsibilities(x).argmax(1)                            # (n,) nearest component
+    d = x.double().cpu() - gmm.means[comp]
+    maha = (d[:, None, :] @ torch.linalg.solve(gmm.covs[comp], d[:, :, None])).flatten().sqrt()
+    on = maha <= radius
+    freq = torch.zeros(len(gmm.weights), dtype=torch.float64).index_add_(0, comp[on], torch.ones(int(on.sum()),
+                                                                                          dtype=torch.float64))
+    freq = freq / len(x)
+    off = 1 - on.double().mean()
+    return 0.5 * ((freq - gmm.weights).abs().sum() + off).item()
+
+
+def mean_loglik(x, gmm):
+    return gmm.log_prob(x).mean().item()
+
+
+def metrics(x, ref, gmm):
+    """All toy metrics of samples x against reference samples ref (same size) and the true mixture."""
+    return dict(sw2=sliced_w2(x, ref), mmd=mmd2(x, ref), mode=mode_coverage_error(x, gmm), ll=mean_loglik(x, gmm))
+
+
+#################################################################################
+#                          Evaluating teachers and students                     #
+#################################################################################
+
+def teacher_samples(teacher, labels, n_steps, cfg=1.0, seed=1):
+    """The teacher's N-step deterministic DDIM sampler (grid from t = 999, trailing spacing), with CFG."""
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((len(labels), *teacher.sample_shape), generator=g)
+    denoise = lambda x, t, c: tdm.cfg_denoise(teacher.denoise, x, t, c, teacher.uncond(len(c)), cfg)
+    return tdm.sample(denoise, x_T, labels, teacher.schedule, tdm.time_grid(n_steps, 999))
+
+
+@torch.no_grad()
+def student_samples(teacher, net, labels, K, t_max=899, unify=False, seed=1):
+    """The student's K-step sampler on its own grid (no CFG); K is given as a condition when unify."""
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((len(labels), *teacher.sample_shape), generator=g)
+    Kc = torch.full((len(labels),), K) if unify else None
+    denoise = lambda x, t, c: teacher.x0(net, x, t, c, None if Kc is None else Kc[:len(x)])
+    return tdm.sample(denoise, x_T, labels, teacher.schedule, tdm.time_grid(K, t_max))
+
+
+def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8, 100), student_steps=(1, 2, 4),
+             t_max=899, unify=False, seed=0):
+    """{row name: metrics}. Rows: 'noise floor', 'teacher N', 'student K'. Same labels for every sampler."""
+    g = torch.Generator().manual_seed(seed)
+    gt, labels = teacher.gmm.sample(n, generator=g)
+    rows = {}
+    if cfg == 1.0:
+        ref = teacher.gmm.sample(n, generator=g)[0]
+        rows["noise floor"] = metrics(gt, ref, teacher.gmm)
+        rows["ground truth"] = dict(ll=mean_loglik(gt, teacher.gmm))
+    else:   # guidance sharpens the target: the reference is the teacher's own 100-step CFG sampler
+        ref = teacher_samples(teacher, labels, 100, cfg, seed=seed + 7)
+        rows["noise floor"] = metrics(teacher_samples(teacher, labels, 100, cfg, seed=seed + 8), ref, teacher.gmm)
+    for N in teacher_steps:
+        rows[f"teacher {N}"] = metrics(teacher_samples(teacher, labels, N, cfg), ref, teacher.gmm)
+    for K in student_steps if student is not None else ():
+        rows[f"student {K}"] = metrics(student_samples(teacher, student, labels, K, t_max, unify), ref, teacher.gmm)
+    return rows
+
+
+def format_table(rows):
+    lines = [f"{'':14s} {'sw2':>8s} {'mmd':>9s} {'mode':>7s} {'ll':>8s}"]
+    for name, m in rows.items():
+        cell = lambda k, f: (f"{m[k]:{f}}" if k in m else "")
+        lines.append(f"{name:14s} {cell('sw2', '8.4f'):>8s} {cell('mmd', '9.5f'):>9s} {cell('mode', '7.4f'):>7s} "
+                     f"{cell('ll', '8.3f'):>8s}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Exact toy metrics for the teacher and a TDM student.")
+    p.add_argument("run", nargs="?", help="a run folder written by train.py (omit to evaluate the teacher only)")
+    p.add_argument("--teacher", default=None, help="toy | toy-exact (default: the run's, else toy)")
+    p.add_argument("--toy-target", default=None, help="ring | grid | FILE.json (default: the run's, else ring)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale of the teacher (default: the run's)")
+    p.add_argument("--n", type=int, default=50000, help="samples per sampler")
+    p.add_argument("--teacher-steps", default="1,2,4,8,100")
+    p.add_argument("--student-steps", default="1,2,4")
+    p.add_argument("--json", default=None, help="also write the table to this JSON file")
+    a = p.parse_args(argv)
+    import sample   # the run loader lives with the sampling CLI
+    student, meta = (None, {})
+    if a.run:
+        teacher, student, meta = sample.load_run(a.run, teacher=a.teacher)
+    else:
+        import teachers
+        teacher = teachers.load_teacher(a.teacher or "toy", target=a.toy_target or "ring")
+    cfg = a.cfg if a.cfg is not None else meta.get("cfg", 1.0)
+    rows = evaluate(teacher, student, n=a.n, cfg=cfg,
+                    teacher_steps=[int(s) for s in a.teacher_steps.split(",") if s],
+                    student_steps=[int(s) for s in a.student_steps.split(",") if s],
+                    t_max=meta.get("t_max", 899), unify=bool(meta.get("unify")))
+    print(f"target {teacher.gmm.name!r}, teacher {'exact' if teacher.exact else 'MLP'}, cfg {cfg}, n {a.n}")
+    print(format_table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(cfg=cfg, n=a.n, target=teacher.gmm.name, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Sampling CLI and 2-D plots: a teacher (N-step DDIM, CFG) or a trained student (its K-step grid) -> PNG.
+
+    python sample.py --teacher toy --steps 100 --out teacher.png
+    python sample.py --student runs/toy --steps 1 --out student1.png
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import teachers
+from models import read_state_dict, toy_mlp
+
+
+#################################################################################
+#                          Loading a training run                               #
+#################################################################################
+
+def load_run(run_dir, teacher=None):
+    """(teacher, student network, meta) from a run folder written by train.py (student.safetensors + student.json)."""
+    weights, sidecar = os.path.join(run_dir, "student.safetensors"), os.path.join(run_dir, "student.json")
+    if not os.path.exists(sidecar) or not os.path.exists(weights):
+        raise FileNotFoundError(f"{run_dir!r} has no student.safetensors + student.json; pass a run folder "
+                                "written by train.py (e.g. runs/toy)")
+    with open(sidecar) as f:
+        meta = json.load(f)
+    t = teachers.load_teacher(teacher or meta["teacher"], target=meta["target"], log=None)
+    net = toy_mlp(**meta["network"])
+    net.load_state_dict(read_state_dict(weights))
+    return t, net.eval().requires_grad_(False), meta
+
+
+#################################################################################
+#                          2-D plots with PIL                                   #
+#################################################################################
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def scatter_panel(points, labels=None, lim=3.5, size=256, title=""):
+    """Density image of 2-D points (log-scaled histogram), coloured by label, with a title."""
+    pts = points.detach().cpu().numpy()
+    labels = np.zeros(len(pts), int) if labels is None else labels.cpu().numpy()
+    img = np.full((size, size, 3), 255.0)
+    for c in np.unique(labels):
+        h, _, _ = np.histogram2d(pts[labels == c, 1], pts[labels == c, 0], bins=size, range=[[-lim, lim], [-lim, lim]])
+        h = np.log1p(h)[::-1] / max(np.log1p(h).max(), 1e-9)            # (size, size), y up
+        col = np.array(PALETTE[c % len(PALETTE)], float)
+        img = img * (1 - h[..., None]) + col * h[..., None]
+    return _titled(Image.fromarray(img.clip(0, 255).astype(np.uint8)), title)
+
+
+def trajectory_panel(xs, labels=None, lim=3.5, size=256, title="", n=48):
+    """Lines through the trajectory points x_{t_K}, ..., x_{t_1}, x0_hat of n samples; dots at the end."""
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    to_px = lambda p: ((p[0] + lim) / (2 * lim) * size, (lim - p[1]) / (2 * lim) * size)
+    path = torch.stack(xs, 1)[:n].cpu().numpy()                         # (n, steps + 1, 2)
+    for i, pts in enumerate(path):
+        col = PALETTE[int(labels[i]) % len(PALETTE)] if labels is not None else PALETTE[0]
+        d.line([to_px(p) for p in pts], fill=tuple(c // 2 + 100 for c in col), width=1)
+        x, y = to_px(pts[-1])
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=col)
+        x, y = to_px(pts[0])
+        d.ellipse([x - 1, y - 1, x + 1, y + 1], fill=(150, 150, 150))
+    return _titled(img, title)
+
+
+def _titled(img, title):
+    out = Image.new("RGB", (img.width, img.height + 18), "white")
+    out.paste(img, (0, 18))
+    ImageDraw.Draw(out).text((4, 3), title, fill="black")
+    return out
+
+
+def hstack(panels, pad=4):
+    """Panels side by side."""
+    w = sum(p.width for p in panels) + pad * (len(panels) - 1)
+    out = Image.new("RGB", (w, max(p.height for p in panels)), "white")
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + pad
+    return out
+
+
+def line_plot(series, title="", ylabel="", size=(520, 300), log_y=False):
+    """Simple line chart of {name: (xs, ys)} with axes ticks at min/max; dashed grey lines for `name*` series."""
+    W, H, m = size[0], size[1], 44
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs_all = [x for xs, _ in series.values() for x in xs]
+    ys_all = [y for _, ys in series.values() for y in ys]
+    f = (lambda v: np.log10(v)) if log_y else (lambda v: v)
+    x0, x1 = min(xs_all), max(xs_all) if max(xs_all) > min(xs_all) else min(xs_all) + 1
+    y0, y1 = f(min(ys_all)), f(max(ys_all))
+    y0, y1 = y0 - 0.05 * (y1 - y0 + 1e-9), y1 + 0.05 * (y1 - y0 + 1e-9)
+    px = lambda x, y: (m + (x - x0) / (x1 - x0) * (W - 2 * m), H - m - (f(y) - y0) / (y1 - y0) * (H - 2 * m))
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        col = (120, 120, 120) if name.endswith("*") else PALETTE[i % len(PALETTE)]
+        pts = [px(x, y) for x, y in zip(xs, ys)]
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=2)
+        d.text((m + 6, m + 4 + 12 * i), name.rstrip("*"), fill=col)
+    d.text((m, 6), title, fill="black")
+    d.text((m, H - m + 6), f"{x0:g}", fill="black")
+    d.text((W - m - 30, H - m + 6), f"{x1:g}", fill="black")
+    d.text((2, m), f"{10 ** y1 if log_y else y1:.3g}", fill="black")
+    d.text((2, H - m - 10), f"{10 ** y0 if log_y else y0:.3g}", fill="black")
+    d.text((W // 2 - 20, H - 18), "iteration", fill="black")
+    d.text((2, H // 2), ylabel, fill="black")
+    return img
+
+
+#################################################################################
+#                          CLI                                                  #
+#################################################################################
+
+def main(argv=None):
+    import eval as ev
+    p = argparse.ArgumentParser(description="Sample the toy teacher or a TDM student to a PNG scatter plot.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", help="toy | toy-exact: sample the teacher with N-step DDIM")
+    src.add_argument("--student", help="a run folder written by train.py: sample the student with K steps")
+    p.add_argument("--toy-target", default="ring", help="ring | grid | FILE.json (teacher mode)")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps (teacher N, student K)")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (teacher only; students use none)")
+    p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    a = p.parse_args(argv)
+    if a.student:
+        teacher, net, meta = load_run(a.student)
+        labels = teacher.sample_labels(a.n, torch.Generator().manual_seed(a.seed))
+        x = ev.student_samples(teacher, net, labels, a.steps, meta["t_max"], bool(meta.get("unify")), seed=a.seed)
+        title = f"student {a.steps} step"
+    else:
+        teacher = teachers.load_teacher(a.teacher, target=a.toy_target)
+        labels = teacher.sample_labels(a.n, torch.Generator().manual_seed(a.seed))
+        x = ev.teacher_samples(teacher, labels, a.steps, a.cfg, seed=a.seed)
+        title = f"teacher {a.steps}-step DDIM cfg {a.cfg:g}"
+    scatter_panel(x, labels, size=384, title=title).save(a.out)
+    print(f"wrote {a.out} ({a.n} samples)")
+
+
+if __name__ == "__main__":
+    main()

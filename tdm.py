@@ -1,0 +1,352 @@
+"""TDM: Trajectory Distribution Matching (Luo et al., arXiv 2503.06674, ICCV 2025).
+
+The method only: noise schedule, K-step time grid, DDIM step, re-diffusion kernel, the student's
+trajectory rollout, tau sampling, importance weight, fake-score and generator losses, TDM-unify,
+and `tdm_step`, one training iteration. Networks arrive as callables in x0 form:
+
+    student(x_t, t, cond, K) -> x0_hat      fake(x_t, t, cond, K) -> x0_hat
+    teacher.denoise(x_t, t, cond) -> x0_hat (conditional; CFG is applied here with `uncond`)
+
+`cond` is opaque: a tensor, or a tuple/dict of tensors with the batch first. Time is the teacher's
+integer training timestep t in {0..999}. Equation numbers follow ../shared/reference/tdm-method.md.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+#################################################################################
+#                     Noise schedule (discrete VP, Sec. 2.1)                    #
+#################################################################################
+
+class Schedule:
+    """alphas_cumprod of a 1000-step discrete VP process; alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)."""
+
+    def __init__(self, kind="linear", beta_start=1e-4, beta_end=0.02, n=1000):
+        if kind == "linear":                      # PixArt-α and the toy
+            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+        elif kind == "scaled_linear":             # SD1.5 / SDXL (0.00085 ... 0.012)
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
+        else:
+            raise ValueError(f"unknown beta schedule {kind!r}; expected 'linear' or 'scaled_linear'")
+        self.kind, self.n = kind, n
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)            # (n,) float64
+
+    def alpha(self, t):
+        """alpha_t for integer timesteps t (any shape) -> float32 tensor of the same shape."""
+        return self.alphas_cumprod.to(t.device)[t].sqrt().float()
+
+    def sigma(self, t):
+        return (1 - self.alphas_cumprod.to(t.device)[t]).sqrt().float()
+
+    def snr(self, t):
+        """SNR_t = alpha_t^2 / sigma_t^2."""
+        ac = self.alphas_cumprod.to(t.device)[t]
+        return (ac / (1 - ac)).float()
+
+
+def _bc(v, x):
+    """Broadcast a (B,) tensor against x of shape (B, ...)."""
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def time_grid(K, t_max=899):
+    """The K-step student grid [t_K, ..., t_1], spacing (t_max + 1) // K (Sec. 2.3).
+
+    t_max = 899 is the official code (4 steps: 899, 674, 449, 224); t_max = 999 gives the paper's
+    uniform grid t_i = iT/K (999, 749, 499, 249). The last step lands on the clean x0_hat.
+    """
+    step = (t_max + 1) // K
+    if step < 1:
+        raise ValueError(f"K = {K} steps do not fit below t_max = {t_max}")
+    return [t_max - i * step for i in range(K)]
+
+
+def landing_times(grid):
+    """t_m for each grid step: the next grid time; 0 for the last step.
+
+    The official training code uses t_g - step + 1 (one above the sampler's next time, Sec. 4.3 #2);
+    we use the sampler's own grid so training and sampling see the same trajectory.
+    """
+    return list(grid[1:]) + [0]
+
+
+def ddim_step(x0_hat, eps_hat, schedule, t_next):
+    """Deterministic DDIM (eta = 0): x_{t_next} = alpha x0_hat + sigma eps_hat (Sec. 2.2)."""
+    return _bc(schedule.alpha(t_next), x0_hat) * x0_hat + _bc(schedule.sigma(t_next), x0_hat) * eps_hat
+
+
+def eps_from_x0(x_t, x0_hat, schedule, t):
+    """eps_hat = (x_t - alpha_t x0_hat) / sigma_t."""
+    return (x_t - _bc(schedule.alpha(t), x_t) * x0_hat) / _bc(schedule.sigma(t), x_t)
+
+
+def rediffuse(x_s, schedule, s, tau, z):
+    """Sample q(x_tau | x_s) = N(alpha_tau/alpha_s x_s, beta^2 I), beta^2 = sigma_tau^2 - (alpha_tau sigma_s/alpha_s)^2.
+
+    This is the official `Predictor.add_noise`; beta^2 is clamped at 0 (it rounds negative when tau ~ s).
+    Returns (x_tau, a, beta) with a = alpha_tau / alpha_s.
+    """
+    a = schedule.alpha(tau) / schedule.alpha(s)
+    beta = (schedule.sigma(tau) ** 2 - (a * schedule.sigma(s)) ** 2).clamp(min=0).sqrt()
+    return _bc(a, x_s) * x_s + _bc(beta, x_s) * z, a, beta
+
+
+#################################################################################
+#                     Batched helpers for opaque conditions                     #
+#################################################################################
+
+def _take(cond, idx):
+    """cond[idx] for a tensor, or tuple/list/dict of tensors (batch first)."""
+    if cond is None or torch.is_tensor(cond):
+        return None if cond is None else cond[idx]
+    if isinstance(cond, dict):
+        return {k: _take(v, idx) for k, v in cond.items()}
+    return type(cond)(_take(c, idx) for c in cond)
+
+
+def _cat(a, b):
+    if torch.is_tensor(a):
+        return torch.cat([a, b])
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) for k in a}
+    return type(a)(_cat(x, y) for x, y in zip(a, b))
+
+
+def cfg_denoise(denoise, x_t, t, cond, uncond, cfg):
+    """Classifier-free guidance in x0 space (equal to CFG on eps, x0 is affine in eps):
+    x0_cfg = x0_u + cfg (x0_c - x0_u), with cond and uncond in ONE batched call."""
+    if cfg == 1.0:
+        return denoise(x_t, t, cond)
+    x0 = denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat(cond, uncond))   # (2B, ...)
+    x0_c, x0_u = x0.chunk(2)
+    return x0_u + cfg * (x0_c - x0_u)
+
+
+#################################################################################
+#                     The student's trajectory (few-step sampler)               #
+#################################################################################
+
+@torch.no_grad()
+def rollout(denoise, x_T, cond, schedule, grid, depth=None):
+    """Deterministic K-step DDIM trajectory from x_T (fed in as x at t_K = grid[0]), Sec. 2.2.
+
+    Returns (xs, x0s, eps): xs[i] is the trajectory point at grid[i] (xs[0] = x_T), x0s[i] and eps[i]
+    the network's predictions there; lists of tensors shaped like x_T. `depth` (int or (B,) tensor)
+    stops early: sample b needs predictions only at steps i < depth[b], so each network call runs on
+    the samples that still need it (other entries stay zero) and the loop ends at the deepest step.
+    """
+    B, n = x_T.shape[0], len(grid)
+    depth = torch.as_tensor(n if depth is None else depth, device=x_T.device).expand(B)
+    t_next = landing_times(grid)
+    xs, x0s, eps = [x_T], [], []
+    for i in range(int(depth.max())):
+        x = xs[i]
+        active = (depth > i).nonzero().squeeze(1)                       # (B_active,)
+        x0_i, eps_i = torch.zeros_like(x), torch.zeros_like(x)
+        t = torch.full((len(active),), grid[i], device=x.device, dtype=torch.long)
+        x0_i[active] = denoise(x[active], t, _take(cond, active))
+        eps_i[active] = eps_from_x0(x[active], x0_i[active], schedule, t)
+        x0s.append(x0_i)
+        eps.append(eps_i)
+        if i + 1 < n:
+            xs.append(ddim_step(x0_i, eps_i, schedule, torch.full((B,), t_next[i], device=x.device)))
+    return xs, x0s, eps
+
+
+def sample(denoise, x_T, cond, schedule, grid):
+    """The few-step (or many-step) deterministic sampler: the last x0_hat of the trajectory."""
+    return rollout(denoise, x_T, cond, schedule, grid)[1][-1]
+
+
+#################################################################################
+#                     Diffusing intervals and tau (Sec. 3.2, 3.6)               #
+#################################################################################
+
+def sample_tau(t_g, t_m, separate=True, t_max=899, tau_min=20, margin=10):
+    """tau ~ U{max(tau_min, t_m), ..., upper - 1} per sample.
+
+    separate=True: the step's own interval [t_m, t_g - margin) (official `--use_separate`, Sec. 3.6 mode 1);
+    separate=False: the shared interval [t_m, t_max + 1 - margin) (mode 2). Margins as in the official code.
+    """
+    low = t_m.clamp(min=tau_min)
+    high = t_g - margin if separate else torch.full_like(t_g, t_max + 1 - margin)
+    high = torch.maximum(high, low + 1)
+    return low + (torch.rand(t_g.shape, device=t_g.device) * (high - low)).long()
+
+
+def sample_landing(t_g, t_m, randmid=False, margin=20):
+    """t_m, or with `randmid` a landing time ~ U[t_m, t_g - margin) (official `--use_randmid`, a regulariser)."""
+    if not randmid:
+        return t_m
+    high = torch.maximum(t_g - margin, t_m + 1)
+    return t_m + (torch.rand(t_g.shape, device=t_g.device) * (high - t_m)).long()
+
+
+#################################################################################
+#                     Losses (Eqs. 6-7, 10-11; Sec. 3.5, 3.7)                   #
+#################################################################################
+
+def importance_weight(eps_hat, z, schedule, t_m, tau):
+    """w_IS = q(x_tau | x0_hat) / q(x_tau | x_m), tempered per dimension as in the official code (Sec. 3.5).
+
+    m = (alpha_tau/alpha_m sigma_m eps_hat + beta z) / sigma_tau is the "mixed noise" (with the
+    sigma_m factor of the 2025-10-20 fix), and w = exp(-mean(m^2)/2) / exp(-mean(z^2)/2), means over
+    the non-batch dimensions, normalising constants dropped. -> (B,)
+    """
+    a = schedule.alpha(tau) / schedule.alpha(t_m)
+    beta = (schedule.sigma(tau) ** 2 - (a * schedule.sigma(t_m)) ** 2).clamp(min=0).sqrt()
+    m = (_bc(a * schedule.sigma(t_m), eps_hat) * eps_hat + _bc(beta, z) * z) / _bc(schedule.sigma(tau), z)
+    dims = list(range(1, z.dim()))
+    return torch.exp(-0.5 * m.pow(2).mean(dims) + 0.5 * z.pow(2).mean(dims))
+
+
+def fake_score_loss(f_x0, x0_hat, schedule, tau, w_is, snr_clamp=5.0):
+    """Eq. (7): mean_b[ mean_dims (f_psi(x_tau, tau) - x0_hat)^2 * min(SNR_tau, 5) * w_IS ] (Min-SNR-5 on eps)."""
+    dims = list(range(1, f_x0.dim()))
+    mse = (f_x0 - x0_hat).pow(2).mean(dims)                                   # (B,)
+    return (mse * schedule.snr(tau).clamp(max=snr_clamp) * w_is).mean()
+
+
+def generator_loss(x0_hat, r_cfg, f_x0, huber_c=1e-3, loss="huber"):
+    """Surrogate of the reverse-KL gradient (Eq. 6) on x0_hat, as the official code does (Sec. 3.7).
+
+    target = sg(x0_hat) + (r_c - f) + (cfg - 1)(r_c - r_u) = sg(x0_hat) + (r_cfg - f),
+    normalised per sample by w = mean|x0_hat - r_cfg| (DMD), then element-wise pseudo-Huber
+    sqrt(d^2 + c^2) - c (Eq. 11, official element-wise c = 1e-3) or MSE.
+    """
+    dims = list(range(1, x0_hat.dim()))
+    target = (x0_hat + r_cfg - f_x0).detach()
+    w = (x0_hat.detach().double() - r_cfg.double()).abs().mean(dims).float().clamp(min=1e-12)   # (B,)
+    d2 = (x0_hat - target).pow(2)
+    per_elem = (d2 + huber_c ** 2).sqrt() - huber_c if loss == "huber" else d2
+    if loss not in ("huber", "mse"):
+        raise ValueError(f"generator loss {loss!r}: expected 'huber' or 'mse'")
+    return (per_elem / _bc(w, per_elem)).mean()
+
+
+#################################################################################
+#                     One training iteration (Sec. 4.2)                         #
+#################################################################################
+
+@dataclass
+class TDMConfig:
+    """Hyper-parameters of one TDM iteration; defaults follow the official code (Sec. 4.3)."""
+    K: int = 4                       # student steps
+    t_max: int = 899                 # first grid time (official 899; paper 999)
+    unify: tuple = ()                # TDM-unify: step counts to draw K from per batch, e.g. (1, 2, 4)
+    cfg: float = 4.5                 # guidance of the real (teacher) score only
+    separate: bool = True            # diffusing interval [t_m, t_g) per step (else [t_m, T))
+    randmid: bool = False            # random landing time (official --use_randmid)
+    importance: bool = True          # importance weight in the fake loss
+    loss: str = "huber"              # generator loss: "huber" (element-wise pseudo-Huber) or "mse"
+    huber_c: float = 1e-3
+    snr_clamp: float = 5.0           # omega_tau = min(SNR_tau, 5)
+    tau_min: int = 20
+    margin: int = 10
+    fake_updates: int = 1            # fake-score updates per generator update (official 1)
+    grad_clip: float = 1.0           # student only (official); <= 0 turns it off
+    fake_grad_clip: float = 0.0      # official: none
+
+
+def _step_times(k, grid, t_next):
+    """Grid time t_g and landing time t_m for per-sample step indices k (0 = first, noisiest step)."""
+    g = torch.tensor(grid, device=k.device)[k]
+    m = torch.tensor(t_next, device=k.device)[k]
+    return g, m
+
+
+def _gather(points, k):
+    """points: list over steps of (B, ...) tensors; k: (B,) step indices -> (B, ...) per-sample pick."""
+    stacked = torch.stack(points)                                        # (n, B, ...)
+    return stacked[k, torch.arange(k.shape[0], device=k.device)]         # (B, ...)
+
+
+def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config, x_T=None):
+    """One TDM iteration: roll out the student, update the fake score, update the student.
+
+    student, fake: callables (x_t, t, cond, K) -> x0_hat whose parameters the optimisers hold;
+    teacher: has `.schedule` and `.denoise(x_t, t, cond) -> x0_hat`. Returns a dict of floats.
+    """
+    c = config
+    sch = teacher.schedule
+    B = x_T.shape[0] if x_T is not None else _batch_size(cond)
+    device = x_T.device if x_T is not None else _device(cond)
+    if x_T is None:
+        x_T = torch.randn((B, *teacher.sample_shape), device=device)
+    # TDM-unify (Eq. 8): one K per batch, given to student and fake as a condition; each K on its own grid.
+    K = c.unify[torch.randint(len(c.unify), ()).item()] if c.unify else c.K
+    grid = time_grid(K, c.t_max)
+    t_next = landing_times(grid)
+
+    def with_K(net):   # -> (x_t, t, cond) -> x0_hat
+        if not c.unify:
+            return lambda x, t, cnd: net(x, t, cnd, None)
+        return lambda x, t, cnd: net(x, t, cnd, torch.full((x.shape[0],), K, device=x.device, dtype=torch.long))
+    stu, fak = with_K(student), with_K(fake)
+
+    # Each sample matches one step: the sum over i in Eq. (5) is realised by per-sample draws (Sec. 8 #10).
+    k_fake = [torch.randint(K, (B,), device=device) for _ in range(c.fake_updates)]
+    k_gen = torch.randint(K, (B,), device=device)
+    # (1) Student trajectory, no grad. The fake phase needs the prediction at step k (k + 1 calls), the
+    # generator phase only the point x_{t_g} (k calls; it recomputes the prediction with grad).
+    depth = torch.stack([k + 1 for k in k_fake] + [k_gen]).amax(0)                   # (B,)
+    xs, x0s, eps = rollout(stu, x_T, cond, sch, grid, depth=depth)
+
+    # (2) Fake-score update (Eq. 7), reusing the rollout's own student predictions.
+    logs = {}
+    for k in k_fake:
+        t_g, t_m = _step_times(k, grid, t_next)
+        t_m = sample_landing(t_g, t_m, c.randmid)
+        x0_hat, eps_hat = _gather(x0s, k), _gather(eps, k)
+        x_m = ddim_step(x0_hat, eps_hat, sch, t_m)                      # the trajectory point x_{t_i}
+        tau = sample_tau(t_g, t_m, c.separate, c.t_max, c.tau_min, c.margin)
+        z = torch.randn_like(x_m)
+        x_tau, _, _ = rediffuse(x_m, sch, t_m, tau, z)                   # x_tau ~ q(x_tau | x_{t_i})
+        w_is = importance_weight(eps_hat, z, sch, t_m, tau) if c.importance else torch.ones(B, device=device)
+        loss_fake = fake_score_loss(fak(x_tau, tau, cond), x0_hat, sch, tau, w_is, c.snr_clamp)
+        opt_fake.zero_grad(set_to_none=True)
+        loss_fake.backward()
+        _clip(opt_fake, c.fake_grad_clip)
+        opt_fake.step()
+        logs.update(loss_fake=loss_fake.item(), w_is=w_is.mean().item())
+
+    # (3) Generator update (Eq. 6 through one student step; surrogate Eqs. 10-11).
+    t_g, t_m = _step_times(k_gen, grid, t_next)
+    t_m = sample_landing(t_g, t_m, c.randmid)
+    x_g = _gather(xs, k_gen)                                            # detached trajectory point
+    x0_hat = stu(x_g, t_g, cond)                                        # the only path with grad
+    with torch.no_grad():
+        x_m = ddim_step(x0_hat, eps_from_x0(x_g, x0_hat, sch, t_g), sch, t_m)
+        tau = sample_tau(t_g, t_m, c.separate, c.t_max, c.tau_min, c.margin)
+        x_tau, _, _ = rediffuse(x_m, sch, t_m, tau, torch.randn_like(x_m))
+        r_cfg = cfg_denoise(teacher.denoise, x_tau, tau, cond, uncond, c.cfg)   # real score, with CFG
+        f_x0 = fak(x_tau, tau, cond)                                             # fake score, no CFG
+    loss_gen = generator_loss(x0_hat, r_cfg, f_x0, c.huber_c, c.loss)
+    opt_student.zero_grad(set_to_none=True)
+    loss_gen.backward()
+    logs["grad_norm"] = _clip(opt_student, c.grad_clip)
+    opt_student.step()
+    logs.update(loss_gen=loss_gen.item(), K=K)
+    return logs
+
+
+def _clip(opt, max_norm):
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if max_norm and max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    return math.sqrt(sum(p.grad.pow(2).sum().item() for p in params)) if params else 0.0
+
+
+def _batch_size(cond):
+    if torch.is_tensor(cond):
+        return cond.shape[0]
+    return _batch_size(next(iter(cond.values())) if isinstance(cond, dict) else cond[0])
+
+
+def _device(cond):
+    if torch.is_tensor(cond):
+        return cond.device
+    return _device(next(iter(cond.values())) if isinstance(cond, dict) else cond[0])
