@@ -30,8 +30,8 @@ def sliced_w2(a, b, n_proj=512, seed=0):
     n = min(len(a), len(b))
     theta = torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     theta = theta / theta.norm(dim=0)                                   # (D, n_proj) unit directions
-    pa = (a[:n].double() @ theta).sort(0).values                        # (n, n_proj)
-    pb = (b[:n].double() @ theta).sort(0).values
+    pa = (theta.T @ a[:n].double().T).sort(1).values                    # (n_proj, n), sorted per direction
+    pb = (theta.T @ b[:n].double().T).sort(1).values
     return (pa - pb).pow(2).mean().sqrt().item()
 
 
@@ -99,7 +99,7 @@ def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8,
     gt, labels = teacher.gmm.sample(n, generator=g)
     rows = {}
     if cfg == 1.0:
-        ref = teacher.gmm.sample(n, generator=g)[0]
+        ref = teacher.gmm.sample(n, labels=labels, generator=g)[0]
         rows["noise floor"] = metrics(gt, ref, teacher.gmm)
         rows["ground truth"] = dict(ll=mean_loglik(gt, teacher.gmm))
     else:   # guidance sharpens the target: the reference is the teacher's own 100-step CFG sampler

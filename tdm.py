@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 #################################################################################
@@ -218,7 +217,7 @@ def generator_loss(x0_hat, r_cfg, f_x0, huber_c=1e-3, loss="huber"):
     sqrt(d^2 + c^2) - c (Eq. 11, official element-wise c = 1e-3) or MSE.
     """
     dims = list(range(1, x0_hat.dim()))
-    target = (x0_hat + r_cfg - f_x0).detach()
+    target = (x0_hat + (r_cfg - f_x0)).detach()          # grouped so that f = r_cfg gives exactly x0_hat
     w = (x0_hat.detach().double() - r_cfg.double()).abs().mean(dims).float().clamp(min=1e-12)   # (B,)
     d2 = (x0_hat - target).pow(2)
     per_elem = (d2 + huber_c ** 2).sqrt() - huber_c if loss == "huber" else d2

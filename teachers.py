@@ -39,7 +39,10 @@ class GMM:
                              f"{tuple(self.classes.shape)}")
         if set(self.classes.tolist()) != set(range(self.n_classes)):
             raise ValueError(f"GMM {name!r}: classes must be 0..C-1 with every class used; got {self.classes.tolist()}")
-        torch.linalg.cholesky(self.covs)   # raises if a covariance is not positive definite
+        bad = torch.linalg.cholesky_ex(self.covs).info.nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"GMM {name!r}: the covariance of component(s) {bad} is not positive definite; "
+                             "give symmetric matrices with positive eigenvalues (or use 'stds')")
 
     @property
     def dim(self):

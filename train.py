@@ -61,7 +61,7 @@ def parse_args(argv=None):
     g.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0 = off); the EMA is what is saved")
     g = p.add_argument_group("logging")
     g.add_argument("--eval-every", type=int, default=200, help="iterations between metric-curve points (0 = off)")
-    g.add_argument("--eval-n", type=int, default=10000, help="samples per curve point")
+    g.add_argument("--eval-n", type=int, default=20000, help="samples per curve point")
     g.add_argument("--final-eval-n", type=int, default=50000, help="samples for the final metrics (0 = skip)")
     g.add_argument("--save-every", type=int, default=1000)
     return p.parse_args(argv)
@@ -180,15 +180,21 @@ def main(argv=None):
             s["ema"] = ema.state_dict()
         return s
 
+    # The metric curve: the student's SW2 / mode error at each K on fixed labels and noise, plus the
+    # teacher's 4-step and 100-step samplers on the same reference as horizontal lines.
+    curve_labels = teacher.sample_labels(args.eval_n, torch.Generator().manual_seed(123))
+    curve_ref = teacher.gmm.sample(args.eval_n, labels=curve_labels, generator=torch.Generator().manual_seed(124))[0] \
+        if args.cfg == 1.0 else ev.teacher_samples(teacher, curve_labels, 100, args.cfg, seed=125)
+
     def quick_eval(it):
         net = ema if ema is not None else student
-        labels = teacher.sample_labels(args.eval_n, torch.Generator().manual_seed(123))
-        ref = teacher.gmm.sample(args.eval_n, labels=labels, generator=torch.Generator().manual_seed(124))[0] \
-            if args.cfg == 1.0 else ev.teacher_samples(teacher, labels, 100, args.cfg, seed=125)
         row = {"iteration": it}
+        if it == 0:
+            for N in (4, 100):
+                row[f"teacher_sw2_{N}"] = ev.sliced_w2(ev.teacher_samples(teacher, curve_labels, N, args.cfg), curve_ref)
         for K in (unify or (args.steps,)):
-            x = ev.student_samples(teacher, net.eval(), labels, K, args.t_max, bool(unify))
-            row[f"sw2_{K}"] = ev.sliced_w2(x, ref)
+            x = ev.student_samples(teacher, net.eval(), curve_labels, K, args.t_max, bool(unify))
+            row[f"sw2_{K}"] = ev.sliced_w2(x, curve_ref)
             row[f"mode_{K}"] = ev.mode_coverage_error(x, teacher.gmm)
         net.train()
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
@@ -229,8 +235,22 @@ def main(argv=None):
         _write_json(dict(rows=rows, cfg=args.cfg, train_seconds=train_time, iters=args.iters),
                     os.path.join(run_dir, "metrics.json"))
     figure(teacher, net, args, unify).save(os.path.join(run_dir, "figure.png"))
+    if args.eval_every:
+        curve(os.path.join(run_dir, "metrics.jsonl")).save(os.path.join(run_dir, "curve.png"))
     print(f"wrote {run_dir}/ (student.safetensors, figure.png, metrics.json); training took {train_time:.0f} s")
     return run_dir
+
+
+def curve(metrics_path):
+    """SW2 of the student over iterations (one line per K), teacher 4- and 100-step as grey references."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    its = [r["iteration"] for r in rows]
+    series = {f"student {k[4:]} step": (its, [r[k] for r in rows]) for k in rows[-1] if k.startswith("sw2_")}
+    for N in (4, 100):
+        if f"teacher_sw2_{N}" in rows[0]:
+            series[f"teacher {N}-step*"] = ([its[0], its[-1]], [rows[0][f"teacher_sw2_{N}"]] * 2)
+    return sample.line_plot(series, title="sliced W2 to the reference (lower is better)", ylabel="SW2", log_y=True)
 
 
 def figure(teacher, net, args, unify, n=20000):

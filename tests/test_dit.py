@@ -4,17 +4,15 @@ diffusers is a test-only reference: tiny random configs are saved in the real on
 """
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-diffusers = pytest.importorskip("diffusers")
+
 from diffusers import PixArtTransformer2DModel  # noqa: E402
 from diffusers.models.embeddings import get_2d_sincos_pos_embed  # noqa: E402
 
-import wip_dit as W  # noqa: E402
+import models as W  # noqa: E402
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
             sample_size=8, patch_size=2, caption_channels=16, cross_attention_dim=24)

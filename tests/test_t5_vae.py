@@ -10,18 +10,16 @@ import os
 import random
 import re
 import shutil
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-spm = pytest.importorskip("sentencepiece")
-transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
+import sentencepiece as spm  # noqa: E402
+import transformers  # noqa: E402
+import diffusers  # noqa: E402,F401
 
-from wip_t5vae import (VAE, T5Encoder, T5Tokenizer, load_t5, load_vae, relative_position_bucket,  # noqa: E402
+from models import (VAE, T5Encoder, T5Tokenizer, load_t5, load_vae, relative_position_bucket,  # noqa: E402
                        sd_vae_config, t5_v1_1_xxl_config, vae_state_dict_from_any)
 
 transformers.logging.set_verbosity_error()
