@@ -114,9 +114,10 @@ def toy_mlp(**kw):
 #################################################################################
 
 def save_safetensors(tensors, path, metadata=None):
-    """Write tensors to `path` atomically (temporary name, then rename)."""
+    """Write tensors to `path` atomically (a per-process temporary name, then rename)."""
     from safetensors.torch import save_file
-    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 

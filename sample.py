@@ -5,12 +5,14 @@
 """
 import argparse
 import json
+import math
 import os
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import tdm
 import teachers
 from models import read_state_dict, toy_mlp
 
@@ -114,6 +116,106 @@ def line_plot(series, title="", ylabel="", size=(520, 300), log_y=False):
     d.text((W // 2 - 20, H - 18), "iteration", fill="black")
     d.text((2, H // 2), ylabel, fill="black")
     return img
+
+
+#################################################################################
+#                          DPM-Solver++ (2M)                                    #
+#################################################################################
+
+def dpm_timesteps(n_steps, t_max=999, spacing="linspace"):
+    """Integer timesteps as diffusers' DPMSolverMultistepScheduler.set_timesteps (num_train_timesteps = t_max + 1).
+
+    linspace (diffusers default, PixArt's config): round(linspace(0, t_max, n + 1))[::-1][:-1], e.g. 4 steps
+    -> 999, 749, 500, 250. trailing: round(arange(t_max + 1, 0, -(t_max + 1) / n)) - 1 -> 999, 749, 499, 249
+    (= tdm.time_grid when (t_max + 1) % n == 0).
+    """
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if spacing == "linspace":
+        ts = np.linspace(0, t_max, n_steps + 1).round()[::-1][:-1]
+    elif spacing == "trailing":
+        ts = np.arange(t_max + 1, 0, -(t_max + 1) / n_steps).round() - 1
+    else:
+        raise ValueError(f"timestep spacing {spacing!r}: expected 'linspace' or 'trailing'")
+    return [int(t) for t in ts]
+
+
+def dpm_solver_pp(denoise, x_T, cond, schedule, n_steps, t_max=999, spacing="linspace", timesteps=None,
+                  final="zero"):
+    """Multistep DPM-Solver++(2M) in data prediction, Lu et al. 2022 (arXiv 2211.01095), Algorithm 2.
+
+    denoise(x, t, cond) -> x0_hat (CFG folded in by the caller), t a (B,) long tensor. With
+    lambda_t = log(alpha_t / sigma_t), h_i = lambda_{t_i} - lambda_{t_{i-1}} (time runs from noise to data):
+      first order (DPM-Solver++(1) = DDIM):  x_{t_i} = (sigma_{t_i}/sigma_{t_{i-1}}) x_{t_{i-1}}
+                                                       - alpha_{t_i} (e^{-h_i} - 1) x0_hat(x_{t_{i-1}}, t_{i-1})
+      second order (Alg. 2):  r_i = h_{i-1} / h_i,
+                              D_i = (1 + 1/(2 r_i)) x0_hat(t_{i-1}) - 1/(2 r_i) x0_hat(t_{i-2}),
+                              x_{t_i} = (sigma_{t_i}/sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i.
+    The first step is first order (no history), then second order. The end point, as diffusers
+    (final_sigmas_type): "zero" -> sigma = 0, a first-order step that returns the last x0_hat exactly;
+    "sigma_min" -> t = 0, first order only when fewer than 15 steps (lower_order_final).
+    Timesteps: `timesteps` (decreasing ints, e.g. tdm.time_grid(K)) or dpm_timesteps(n_steps, t_max, spacing).
+    The state is kept in float32 (diffusers upcasts the same way); returns x_T's dtype.
+    """
+    ts = list(timesteps) if timesteps is not None else dpm_timesteps(n_steps, t_max, spacing)
+    if any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] >= schedule.n:
+        raise ValueError(f"timesteps must be strictly decreasing integers in [0, {schedule.n - 1}]; got {ts}")
+    if final not in ("zero", "sigma_min") or (final == "sigma_min" and ts[-1] == 0):
+        raise ValueError(f"final={final!r} with last timestep {ts[-1]}: expected 'zero', or 'sigma_min' with a "
+                         "last timestep above 0")
+    ac = schedule.alphas_cumprod.double()
+    alpha = lambda t: math.sqrt(ac[t])
+    sigma = lambda t: math.sqrt(1 - ac[t])
+    lam = lambda t: math.log(alpha(t)) - math.log(sigma(t))
+    B, n = x_T.shape[0], len(ts)
+    x, prev = x_T.to(torch.promote_types(x_T.dtype, torch.float32)), None   # prev: (t, x0_hat) of the last step
+    for i, s in enumerate(ts):
+        x0 = denoise(x.to(x_T.dtype), torch.full((B,), s, device=x_T.device, dtype=torch.long), cond).to(x.dtype)
+        last = i == n - 1
+        if last and final == "zero":
+            return x0.to(x_T.dtype)      # sigma_next = 0, lambda = +inf: x_next = x0_hat
+        t = 0 if last else ts[i + 1]
+        h = lam(t) - lam(s)
+        D = x0
+        if prev is not None and not (last and n < 15):          # second order, Alg. 2
+            r = (lam(s) - lam(prev[0])) / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev[1]
+        x = (sigma(t) / sigma(s)) * x - alpha(t) * math.expm1(-h) * D
+        prev = (s, x0)
+    return x.to(x_T.dtype)
+
+
+def sample_teacher(teacher, prompts, n_steps=20, cfg=4.5, x_T=None, generator=None, **solver_kw):
+    """Teacher latents for prompts: DPM-Solver++ on teacher.denoise with CFG (one batched call per step)."""
+    cond, uncond = teacher.encode(prompts), teacher.uncond(len(prompts))
+    if x_T is None:
+        x_T = torch.randn((len(prompts), *teacher.sample_shape), generator=generator).to(teacher.device)
+    denoise = lambda x, t, c: tdm.cfg_denoise(teacher.denoise, x, t, c, uncond, cfg)
+    return dpm_solver_pp(denoise, x_T, cond, teacher.schedule, n_steps, **solver_kw)
+
+
+#################################################################################
+#                          Images                                               #
+#################################################################################
+
+def to_pil(images):
+    """(B, 3, H, W) floats in [0, 1] -> list of RGB PIL images (uint8, rounded)."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def image_grid(images, cols=4, pad=2, background=(255, 255, 255)):
+    """A grid of images: a (B, 3, H, W) float tensor in [0, 1] or a list of PIL images -> one PIL image."""
+    ims = to_pil(images) if torch.is_tensor(images) else list(images)
+    if not ims:
+        raise ValueError("image_grid needs at least one image")
+    cols = max(1, min(cols, len(ims)))
+    rows = math.ceil(len(ims) / cols)
+    w, h = max(im.width for im in ims), max(im.height for im in ims)
+    grid = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), background)
+    for i, im in enumerate(ims):
+        grid.paste(im.convert("RGB"), ((i % cols) * (w + pad), (i // cols) * (h + pad)))
+    return grid
 
 
 #################################################################################

@@ -2,19 +2,22 @@
 
 Toy: Gaussian-mixture targets whose denoiser is exact (`GMM.denoise`), and a toy teacher that is
 either that exact denoiser or an MLP fitted to the target by denoising score matching (cached).
+PixArt-α: the hand-written DiT, T5 and VAE from models.py on a diffusers-layout folder.
 Interface used by tdm.py / train.py: `schedule`, `sample_shape`, `network`, `denoise(x_t, t, cond)`,
-`x0(net, x_t, t, cond, K)`, `encode(labels)`, `uncond(n)`, `decode(x0)`.
+`x0(net, x_t, t, cond, K)`, `encode(labels or prompts)`, `uncond(n)`, `decode(x0)`.
 """
 import copy
 import hashlib
 import json
 import math
 import os
+import warnings
 
 import torch
 
 import tdm
-from models import read_state_dict, save_safetensors, toy_mlp
+from models import (load_pixart, load_t5, load_vae, read_state_dict, save_safetensors, toy_mlp,
+                    use_adapter)
 
 
 #################################################################################
@@ -239,11 +242,270 @@ def toy_teacher(target="ring", exact=False, iters=2000, seed=0, log=print):
     return ToyTeacher(gmm, net, exact=exact)
 
 
+MAX_LENGTH = 120   # T5 tokens per caption (PixArt-α)
+# The official TDM code hard-codes this schedule (DDPMScheduler linear 1e-4..0.02, 1000 steps, epsilon,
+# tdm-method.md §2.1); the model folder's scheduler config is only checked against it.
+PIXART_SCHEDULE = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000,
+                       prediction_type="epsilon")
+REQUIRED = {"transformer/config.json": "the PixArt transformer config",
+            "text_encoder/config.json": "the T5 encoder config",
+            "tokenizer/spiece.model": "the T5 sentencepiece model",
+            "vae/config.json": "the VAE config"}
+
+
+#################################################################################
+#                          Folder checks                                        #
+#################################################################################
+
+def check_layout(folder):
+    """Raise FileNotFoundError naming every missing part of a diffusers PixArt-α pipeline folder."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"PixArt folder {folder!r} does not exist; pass a diffusers PixArt-α pipeline folder "
+                                "(e.g. a download of PixArt-alpha/PixArt-XL-2-512x512)")
+    missing = [f"{rel} ({what})" for rel, what in REQUIRED.items() if not os.path.isfile(os.path.join(folder, rel))]
+    if missing:
+        raise FileNotFoundError(f"{folder!r} is not a complete diffusers PixArt-α pipeline folder: missing "
+                                + "; ".join(missing) + ". Expected transformer/, text_encoder/, tokenizer/ (with "
+                                "spiece.model), vae/ and scheduler/, as in PixArt-alpha/PixArt-XL-2-512x512; "
+                                "download the missing sub-folders")
+
+
+def check_scheduler_config(folder, strict=True):
+    """Compare scheduler/scheduler_config.json (if present) with the hard-coded PixArt schedule.
+
+    A disagreement raises ValueError (strict) or warns: the teacher would use a schedule or prediction
+    type the network was not trained with. Returns the config dict, or None when the file is absent.
+    """
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        cfg = json.load(f)
+    bad = []
+    for key, want in PIXART_SCHEDULE.items():
+        got = cfg.get(key, want)
+        same = math.isclose(got, want, rel_tol=1e-6) if isinstance(want, float) and isinstance(got, (int, float)) \
+            else got == want
+        if not same:
+            bad.append(f"{key}={got!r} (expected {want!r})")
+    if cfg.get("trained_betas") is not None:
+        bad.append("trained_betas is set (expected null)")
+    if bad:
+        msg = (f"{path}: " + ", ".join(bad) + ". The PixArt teacher hard-codes the PixArt-α schedule (linear betas "
+               "1e-4..0.02 over 1000 steps, epsilon prediction), as the official TDM code does; this folder's model "
+               "was trained differently. Use a PixArt-α folder, or pass check_scheduler=False to use the hard-coded "
+               "schedule anyway.")
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg)
+    return cfg
+
+
+def preprocess(prompt):
+    """PixArt's caption preprocessing without bs4/ftfy (diffusers clean_caption=False): lowercase and strip."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompts must be strings, got {type(prompt).__name__}")
+    return prompt.lower().strip()
+
+
+def read_prompts(path):
+    """Non-empty lines of a text file (e.g. prompts.txt)."""
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path!r} holds no prompts; expected one prompt per line")
+    return prompts
+
+
+#################################################################################
+#                          PixArt-α teacher                                     #
+#################################################################################
+
+class PixArtTeacher:
+    """PixArt-α (ε-prediction with learned variance) as an x0-denoiser, with cached T5 prompts and VAE decoding.
+
+    Interface (see teachers.ToyTeacher): `schedule`, `sample_shape`, `network`, `x0(net, x_t, t, cond, K)`,
+    `denoise(x_t, t, cond)`, `encode(prompts)`, `uncond(n)`, `decode(x0)`. `cond` is a tuple
+    (prompt_embeds (B, 120, 4096), attention_mask (B, 120)), so tdm._take / tdm._cat work on it.
+
+    The DiT is loaded at once, in `dtype`. T5 is loaded only when a prompt is not in the on-disk cache
+    and freed after encoding (unless keep_t5); the VAE is loaded at the first decode.
+    """
+
+    def __init__(self, folder, device="cpu", dtype=torch.float32, resolution=None, t5_dtype=None, vae_dtype=None,
+                 check_scheduler=True, keep_t5=False, t5_batch=8, log=print):
+        folder = os.fspath(folder)
+        check_layout(folder)
+        check_scheduler_config(folder, strict=check_scheduler)
+        self.folder, self.device, self.dtype = folder, torch.device(device), dtype
+        self.t5_dtype, self.vae_dtype = t5_dtype or dtype, vae_dtype or dtype
+        self.keep_t5, self.t5_batch, self.log = keep_t5, t5_batch, log or (lambda *a: None)
+        self.schedule = tdm.Schedule("linear", 1e-4, 0.02)   # hard-coded, as the official code (§2.1)
+        self.network = load_pixart(folder, device=device, dtype=dtype).requires_grad_(False)
+        cfg = self.network.config
+        self.micro_conditions = cfg.use_additional_conditions          # 1024-MS: resolution / aspect ratio
+        with open(os.path.join(folder, "vae", "config.json")) as f:
+            vae_cfg = json.load(f)
+        self.vae_factor = 2 ** (len(vae_cfg.get("block_out_channels", (128, 256, 512, 512))) - 1)   # 8
+        self.scaling_factor = vae_cfg.get("scaling_factor", 0.18215)
+        h, w = (cfg.sample_size * self.vae_factor,) * 2 if resolution is None else \
+            (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        unit = self.vae_factor * cfg.patch_size
+        if h % unit or w % unit:
+            raise ValueError(f"resolution {h}x{w} must be a multiple of {unit} (VAE factor {self.vae_factor} x "
+                             f"patch size {cfg.patch_size})")
+        self.resolution = (h, w)
+        self.sample_shape = (cfg.in_channels, h // self.vae_factor, w // self.vae_factor)
+        self.cache_folder = os.path.join(cache_dir(), "pixart_t5", self._t5_identity())
+        self._t5 = self._vae = self._uncond = None
+
+    # ---------------------------------------------------------------- denoising
+
+    def _added_cond_kwargs(self, x_t):
+        """1024-MS micro-conditions from the latent shape: resolution [H, W] in pixels, aspect ratio H / W."""
+        if not self.micro_conditions:
+            return None
+        B, _, H, W = x_t.shape
+        f = self.vae_factor
+        res = torch.tensor([[H * f, W * f]], dtype=torch.float32, device=x_t.device).repeat(B, 1)    # (B, 2)
+        ar = torch.tensor([[H / W]], dtype=torch.float32, device=x_t.device).repeat(B, 1)            # (B, 1)
+        return {"resolution": res, "aspect_ratio": ar}
+
+    def x0(self, net, x_t, t, cond, K=None):
+        """Run a network of the teacher's architecture: eps = first 4 of its 8 output channels (the learned
+        variance is discarded, as the official code's chunk(2, dim=1)[0]); x0 = (x_t - sigma_t eps) / alpha_t.
+        Computed in float32, returned in x_t's dtype."""
+        if K is not None:
+            raise ValueError("step-count conditioning (TDM-unify, K) is not implemented for the PixArt DiT; "
+                             "train PixArt students with a fixed K")
+        emb, mask = cond
+        dtype = next(net.parameters()).dtype                      # the network's own precision (bf16 on GPU)
+        out = net(x_t.to(dtype), t, emb.to(dtype), mask, self._added_cond_kwargs(x_t))
+        eps = out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x_t.shape[1] else out                  # (B, 4, H, W)
+        a = self.schedule.alpha(t).reshape(-1, 1, 1, 1)
+        s = self.schedule.sigma(t).reshape(-1, 1, 1, 1)
+        return ((x_t.float() - s * eps.float()) / a).to(x_t.dtype)
+
+    @torch.no_grad()
+    def denoise(self, x_t, t, cond):
+        """The teacher's conditional x0_hat (no CFG: tdm.cfg_denoise adds it); LoRA adapters switched off."""
+        with use_adapter(self.network, None):
+            return self.x0(self.network, x_t, t, cond)
+
+    # ---------------------------------------------------------------- prompts
+
+    def _t5_identity(self):
+        """Cache folder name: a hash of the T5 and tokenizer files (path, size, mtime), max length and T5 dtype."""
+        parts = []
+        for sub in ("text_encoder", "tokenizer"):
+            d = os.path.realpath(os.path.join(self.folder, sub))
+            parts += [(d, name, os.path.getsize(os.path.join(d, name)), os.stat(os.path.join(d, name)).st_mtime_ns)
+                      for name in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, name))]
+        key = json.dumps([parts, MAX_LENGTH, str(self.t5_dtype), "lower-strip"])
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def _cache_path(self, text):
+        return os.path.join(self.cache_folder, hashlib.sha1(text.encode()).hexdigest()[:24] + ".safetensors")
+
+    def _load_t5(self):
+        if self._t5 is None:
+            self.log(f"loading T5 from {self.folder} (prompt embeddings cached in {self.cache_folder})")
+            tokenizer, encoder = load_t5(self.folder, dtype=self.t5_dtype, max_length=MAX_LENGTH)
+            self._t5 = tokenizer, encoder.to(self.device)
+        return self._t5
+
+    def free_t5(self):
+        self._t5 = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def _run_t5(self, texts):
+        """Preprocessed texts -> list of (n_tokens_i, d_model) CPU tensors: the valid rows of T5's last hidden state."""
+        tokenizer, encoder = self._load_t5()
+        ids, mask = tokenizer(texts)                                                 # (B, 120) each
+        hidden = encoder(ids.to(self.device), mask.to(self.device))                  # (B, 120, d)
+        return [hidden[b, :int(mask[b].sum())].cpu() for b in range(len(texts))]
+
+    def _read(self, path, text):
+        from safetensors import safe_open
+        try:
+            with safe_open(path, framework="pt") as f:
+                stored, emb = (f.metadata() or {}).get("prompt"), f.get_tensor("embeds")
+        except Exception as e:
+            raise ValueError(f"cached prompt embedding {path!r} is unreadable ({e}); delete it to re-encode") from e
+        if stored != text:
+            raise ValueError(f"cache collision: {path!r} holds {stored!r}, not {text!r}; delete it to re-encode")
+        return emb
+
+    def encode(self, prompts):
+        """Prompts (str or list) -> (prompt_embeds (B, 120, d) in `dtype`, attention_mask (B, 120) long) on `device`.
+
+        Each preprocessed prompt's T5 output is cached on disk (one safetensors file, valid rows only), so T5
+        runs once per prompt; only prompts missing from the cache are encoded. Padded rows come back as
+        zeros: the DiT masks them out (bias -10000, exp underflows to exactly 0), so only valid rows matter.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("encode() needs at least one prompt")
+        texts = [preprocess(p) for p in prompts]
+        todo = [t for t in dict.fromkeys(texts) if not os.path.exists(self._cache_path(t))]   # unique, in order
+        if todo:
+            self.log(f"encoding {len(todo)} new prompt(s) with T5")
+            for i in range(0, len(todo), self.t5_batch):
+                chunk = todo[i:i + self.t5_batch]
+                for text, emb in zip(chunk, self._run_t5(chunk)):
+                    save_safetensors({"embeds": emb}, self._cache_path(text), {"prompt": text})
+            if not self.keep_t5:
+                self.free_t5()
+        rows = [self._read(self._cache_path(t), t) for t in texts]
+        embeds = torch.zeros(len(rows), MAX_LENGTH, rows[0].shape[1], dtype=self.dtype)     # padded rows: zeros
+        mask = torch.zeros(len(rows), MAX_LENGTH, dtype=torch.long)
+        for b, row in enumerate(rows):
+            embeds[b, :len(row)], mask[b, :len(row)] = row.to(self.dtype), 1
+        return embeds.to(self.device), mask.to(self.device)
+
+    def uncond(self, n):
+        """The empty-prompt embedding repeated n times: diffusers' PixArt negative prompt "" (its own mask)."""
+        if self._uncond is None:
+            self._uncond = self.encode([""])
+        emb, mask = self._uncond
+        return emb.repeat(n, 1, 1), mask.repeat(n, 1)
+
+    # ---------------------------------------------------------------- images
+
+    def _load_vae(self):
+        if self._vae is None:
+            self._vae = load_vae(self.folder, dtype=self.vae_dtype).to(self.device)
+        return self._vae
+
+    @torch.no_grad()
+    def decode(self, x0, batch=8):
+        """Latents x0 (B, 4, h, w) -> images (B, 3, 8h, 8w) float32 in [0, 1]: VAE decode of x0 / scaling_factor."""
+        vae, out = self._load_vae(), []
+        for z in (x0 / self.scaling_factor).split(batch):
+            img = vae.decode(z.to(device=self.device, dtype=self.vae_dtype)).float()
+            out.append((img / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+
+def load_pixart_teacher(weights, device="cpu", dtype=None, **kw):
+    """PixArt-α teacher from a diffusers pipeline folder; dtype defaults to bf16 on GPU, fp32 on CPU."""
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return PixArtTeacher(weights, device=device, dtype=dtype, **kw)
+
+
 def load_teacher(name, weights=None, **kw):
-    """'toy' (MLP teacher fitted to the target), 'toy-exact' (closed-form GMM denoiser)."""
+    """'toy' (MLP teacher fitted to the target), 'toy-exact' (closed-form GMM denoiser), 'pixart' (a model folder)."""
     if name in ("toy", "toy-exact"):
         return toy_teacher(exact=name == "toy-exact", **kw)
-    raise ValueError(f"unknown teacher {name!r}; available: 'toy', 'toy-exact'")
+    if name == "pixart":
+        if not weights:
+            raise ValueError("--teacher pixart needs --weights DIR: the downloaded diffusers folder, "
+                             "e.g. PixArt-alpha/PixArt-XL-2-512x512 (see README)")
+        return load_pixart_teacher(weights, **kw)
+    raise ValueError(f"unknown teacher {name!r}; available: 'toy', 'toy-exact', 'pixart'")
 
 
 def copy_network(net, step_counts=()):

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     g.add_argument("--fake-updates", type=int, default=1, help="fake-score updates per generator update")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch", type=int, default=512)
-    g.add_argument("--lr-fake", type=float, default=1e-4, help="fake-score lr (official PixArt 2e-5)")
+    g.add_argument("--lr-fake", type=float, default=3e-4, help="fake-score lr (official PixArt 2e-5)")
     g.add_argument("--lr-ratio", type=float, default=5.0, help="generator lr = lr-fake / this (official 5, paper 10)")
     g.add_argument("--beta1", type=float, default=0.0)
     g.add_argument("--beta2", type=float, default=0.95, help="official 0.95, paper 0.999")
@@ -58,7 +58,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, default=50, help="generator lr warm-up iterations")
     g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="generator lr after warm-up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="student grad-norm clip (fake: none, as official)")
-    g.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0 = off); the EMA is what is saved")
+    g.add_argument("--ema", type=float, default=0.995, help="student EMA decay (0 = off; official off); the EMA "
+                   "is what is saved and evaluated")
     g = p.add_argument_group("logging")
     g.add_argument("--eval-every", type=int, default=200, help="iterations between metric-curve points (0 = off)")
     g.add_argument("--eval-n", type=int, default=20000, help="samples per curve point")
