@@ -18,6 +18,7 @@ import json
 
 import torch
 
+import sample
 import tdm
 
 
@@ -82,14 +83,10 @@ def teacher_samples(teacher, labels, n_steps, cfg=1.0, seed=1):
     return tdm.sample(denoise, x_T, labels, teacher.schedule, tdm.time_grid(n_steps, 999))
 
 
-@torch.no_grad()
 def student_samples(teacher, net, labels, K, t_max=899, unify=False, seed=1):
     """The student's K-step sampler on its own grid (no CFG); K is given as a condition when unify."""
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((len(labels), *teacher.sample_shape), generator=g)
-    Kc = torch.full((len(labels),), K) if unify else None
-    denoise = lambda x, t, c: teacher.x0(net, x, t, c, None if Kc is None else Kc[:len(x)])
-    return tdm.sample(denoise, x_T, labels, teacher.schedule, tdm.time_grid(K, t_max))
+    x_T = torch.randn((len(labels), *teacher.sample_shape), generator=torch.Generator().manual_seed(seed))
+    return sample.student_sample(teacher, net, x_T, labels, K, t_max, unify)
 
 
 def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8, 100), student_steps=(1, 2, 4),
@@ -132,7 +129,6 @@ def main(argv=None):
     p.add_argument("--student-steps", default="1,2,4")
     p.add_argument("--json", default=None, help="also write the table to this JSON file")
     a = p.parse_args(argv)
-    import sample   # the run loader lives with the sampling CLI
     student, meta = (None, {})
     if a.run:
         teacher, student, meta = sample.load_run(a.run, teacher=a.teacher)

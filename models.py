@@ -605,6 +605,28 @@ def _run_block(block, adapters, *args):
             m.active = name
 
 
+class LoRAView(nn.Module):
+    """One adapter of a shared LoRA model seen as a network: forward runs with adapter `name` active;
+    parameters() and state_dict() are that adapter's only. Teacher (LoRA off), student and fake then share
+    one frozen base."""
+    def __init__(self, model, name):
+        super().__init__()
+        self.__dict__["model"] = model                  # not a submodule: its base weights are not ours
+        self.name = name
+        self.adapter = nn.ParameterList(lora_parameters(model, name))
+        self.config = getattr(model, "config", None)
+
+    def forward(self, *args, **kw):
+        with use_adapter(self.model, self.name):
+            return self.model(*args, **kw)
+
+    def state_dict(self, *args, **kw):
+        return lora_state_dict(self.model, self.name)
+
+    def load_state_dict(self, state_dict, strict=True):
+        load_lora_state_dict(self.model, state_dict, self.name)
+
+
 def lora_parameters(model, name):
     """The trainable tensors of adapter `name` (for its optimizer)."""
     return [p for m in lora_layers(model) if name in m.lora_A

@@ -4,6 +4,7 @@
     python sample.py --student runs/toy --steps 1 --out student1.png
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -14,25 +15,48 @@ from PIL import Image, ImageDraw
 
 import tdm
 import teachers
-from models import read_state_dict, toy_mlp
+from models import LoRAView, add_lora, load_exact, read_state_dict, toy_mlp
 
 
 #################################################################################
 #                          Loading a training run                               #
 #################################################################################
 
-def load_run(run_dir, teacher=None):
-    """(teacher, student network, meta) from a run folder written by train.py (student.safetensors + student.json)."""
+def load_run(run_dir, teacher=None, device=None):
+    """(teacher, student network, meta) from a run folder written by train.py (student.safetensors + student.json).
+
+    Toy: a ToyMLP. PixArt: the teacher's DiT with the student's weights (full fine-tune), or the teacher's DiT
+    with the student LoRA adapter (a LoRAView: the teacher itself stays available with the adapter off).
+    """
     weights, sidecar = os.path.join(run_dir, "student.safetensors"), os.path.join(run_dir, "student.json")
     if not os.path.exists(sidecar) or not os.path.exists(weights):
         raise FileNotFoundError(f"{run_dir!r} has no student.safetensors + student.json; pass a run folder "
-                                "written by train.py (e.g. runs/toy)")
+                                "written by train.py (e.g. runs/toy-ring)")
     with open(sidecar) as f:
         meta = json.load(f)
-    t = teachers.load_teacher(teacher or meta["teacher"], target=meta["target"], log=None)
-    net = toy_mlp(**meta["network"])
-    net.load_state_dict(read_state_dict(weights))
+    state = read_state_dict(weights)
+    if meta["teacher"] != "pixart":
+        t = teachers.load_teacher(teacher or meta["teacher"], target=meta["target"], log=None)
+        net = toy_mlp(**meta["network"])
+        net.load_state_dict(state)
+        return t, net.eval().requires_grad_(False), meta
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t = teachers.load_teacher("pixart", meta["weights"], device=device, log=None)
+    if meta.get("lora"):
+        net = LoRAView(add_lora(t.network, meta["lora"], meta["lora_alpha"], names=("student",)), "student")
+        net.load_state_dict({k: v.to(device) for k, v in state.items()})
+    else:
+        net = copy.deepcopy(t.network)
+        load_exact(net, state, f"student weights {weights!r}")
     return t, net.eval().requires_grad_(False), meta
+
+
+@torch.no_grad()
+def student_sample(teacher, net, x_T, cond, K, t_max=899, unify=False):
+    """The student's K-step deterministic sampler on its own grid, no CFG (K given as a condition under unify)."""
+    Kc = torch.full((len(x_T),), K, device=x_T.device) if unify else None
+    denoise = lambda x, t, c: teacher.x0(net, x, t, c, None if Kc is None else Kc[:len(x)])
+    return tdm.sample(denoise, x_T, cond, teacher.schedule, tdm.time_grid(K, t_max))
 
 
 #################################################################################
@@ -223,30 +247,50 @@ def image_grid(images, cols=4, pad=2, background=(255, 255, 255)):
 #################################################################################
 
 def main(argv=None):
-    import eval as ev
-    p = argparse.ArgumentParser(description="Sample the toy teacher or a TDM student to a PNG scatter plot.")
+    p = argparse.ArgumentParser(description="Sample a teacher (N-step DDIM / DPM-Solver++ with CFG) or a TDM "
+                                "student (its K-step grid) to a PNG: a scatter plot for the toy, an image grid for PixArt.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--teacher", help="toy | toy-exact: sample the teacher with N-step DDIM")
+    src.add_argument("--teacher", choices=["toy", "toy-exact", "pixart"], help="sample the teacher")
     src.add_argument("--student", help="a run folder written by train.py: sample the student with K steps")
-    p.add_argument("--toy-target", default="ring", help="ring | grid | FILE.json (teacher mode)")
+    p.add_argument("--weights", help="pixart teacher: the diffusers model folder")
+    p.add_argument("--toy-target", default="ring", help="ring | grid | FILE.json (toy teacher)")
     p.add_argument("--steps", type=int, default=4, help="sampling steps (teacher N, student K)")
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (teacher only; students use none)")
-    p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--solver", default="ddim", choices=["ddim", "dpm"], help="teacher sampler (dpm: DPM-Solver++ 2M)")
+    p.add_argument("--cfg", type=float, default=None, help="teacher guidance (toy 1, pixart 4.5); students use none")
+    p.add_argument("--prompts", nargs="+", default=None, help="pixart: prompts (default: the first 4 of prompts.txt)")
+    p.add_argument("--n", type=int, default=20000, help="toy: number of points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     a = p.parse_args(argv)
     if a.student:
         teacher, net, meta = load_run(a.student)
-        labels = teacher.sample_labels(a.n, torch.Generator().manual_seed(a.seed))
-        x = ev.student_samples(teacher, net, labels, a.steps, meta["t_max"], bool(meta.get("unify")), seed=a.seed)
-        title = f"student {a.steps} step"
+        unify, t_max = bool(meta.get("unify")), meta["t_max"]
     else:
-        teacher = teachers.load_teacher(a.teacher, target=a.toy_target)
-        labels = teacher.sample_labels(a.n, torch.Generator().manual_seed(a.seed))
-        x = ev.teacher_samples(teacher, labels, a.steps, a.cfg, seed=a.seed)
-        title = f"teacher {a.steps}-step DDIM cfg {a.cfg:g}"
-    scatter_panel(x, labels, size=384, title=title).save(a.out)
-    print(f"wrote {a.out} ({a.n} samples)")
+        teacher = teachers.load_teacher(a.teacher, a.weights, **({"target": a.toy_target} if a.teacher != "pixart" else {}))
+    g = torch.Generator().manual_seed(a.seed)
+    if isinstance(teacher, teachers.ToyTeacher):
+        labels = teacher.sample_labels(a.n, g)
+        x_T = torch.randn((a.n, *teacher.sample_shape), generator=g)
+        cond, uncond = teacher.encode(labels), teacher.uncond(a.n)
+    else:
+        prompts = a.prompts or teachers.read_prompts(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                  "prompts.txt"))[:4]
+        x_T = torch.randn((len(prompts), *teacher.sample_shape), generator=g).to(teacher.device)
+        cond, uncond = teacher.encode(prompts), teacher.uncond(len(prompts))
+    if a.student:
+        x = student_sample(teacher, net, x_T, cond, a.steps, t_max, unify)
+        title = f"student {a.steps} step{'s' * (a.steps > 1)}"
+    else:
+        cfg = a.cfg if a.cfg is not None else (4.5 if a.teacher == "pixart" else 1.0)
+        denoise = lambda x, t, c: tdm.cfg_denoise(teacher.denoise, x, t, c, uncond, cfg)
+        x = (dpm_solver_pp(denoise, x_T, cond, teacher.schedule, a.steps) if a.solver == "dpm" else
+             tdm.sample(denoise, x_T, cond, teacher.schedule, tdm.time_grid(a.steps, 999)))
+        title = f"teacher {a.steps}-step {a.solver.upper()} cfg {cfg:g}"
+    if isinstance(teacher, teachers.ToyTeacher):
+        scatter_panel(x, labels, size=384, title=title).save(a.out)
+    else:
+        image_grid(teacher.decode(x), cols=len(x)).save(a.out)
+    print(f"wrote {a.out} ({title})")
 
 
 if __name__ == "__main__":

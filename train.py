@@ -1,14 +1,16 @@
 """TDM training: build teacher, student and fake score, then call tdm.tdm_step once per iteration.
 
-    python train.py                                  # toy: 8-mode ring, 4-step student, ~2 minutes on 2 CPU cores
+    python train.py                                  # toy: 8-mode ring, 4-step student, ~2.5 minutes on 2 CPU cores
     python train.py --toy-target grid --unify 1,2,4  # one student for 1, 2 and 4 steps
-    python train.py --resume runs/toy --iters 4000   # continue a run exactly
+    python train.py --resume runs/toy-ring --iters 4000   # continue a run exactly
+    python train.py --teacher pixart --weights PixArt-XL-2-512x512 --lora 64   # the real thing (GPU)
 
-Writes runs/<name>/: student.safetensors + student.json (the student to sample), ckpt.safetensors +
-ckpt.json (everything needed to resume), metrics.jsonl (the metric curve), metrics.json, figure.png.
+Writes runs/<name>/: student.safetensors + student.json (the student to sample; the EMA when on),
+ckpt.safetensors + ckpt.json (everything needed to resume), and for the toy metrics.jsonl (the
+metric curve), metrics.json, figure.png, curve.png; for PixArt previews/<iteration>.png.
 """
 import argparse
-import copy
+import contextlib
 import json
 import math
 import os
@@ -22,25 +24,34 @@ import eval as ev
 import sample
 import tdm
 import teachers
-from models import read_state_dict, save_safetensors
+from models import LoRAView, add_lora, read_state_dict, save_safetensors
+
+# Defaults that differ between the toy and PixArt (official PixArt recipe: tdm-method.md Sec. 4.1, 6.1).
+DEFAULTS = dict(toy=dict(cfg=1.0, lr_fake=3e-4, batch=512, iters=2000, ema=0.995, save_every=1000),
+                pixart=dict(cfg=4.5, lr_fake=2e-5, batch=32, iters=500, ema=0.0, save_every=500))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Distil a diffusion teacher into a K-step student with TDM.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("teacher and run")
-    g.add_argument("--teacher", default="toy", help="toy (MLP fitted to the target) | toy-exact (closed-form GMM)")
+    g.add_argument("--teacher", default="toy", choices=["toy", "toy-exact", "pixart"],
+                   help="toy (MLP fitted to the target) | toy-exact (closed-form GMM) | pixart (--weights DIR)")
     g.add_argument("--toy-target", default="ring", help="ring | grid | FILE.json (means, covs|stds, weights, classes)")
-    g.add_argument("--name", default=None, help="run folder name under --out (default: toy-<target>)")
+    g.add_argument("--weights", default=None, help="pixart: the diffusers model folder (transformer/, text_encoder/, ...)")
+    g.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.txt"),
+                   help="pixart: training prompts, one per line")
+    g.add_argument("--name", default=None, help="run folder name under --out (default: toy-<target> or pixart)")
     g.add_argument("--out", default="runs")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--iters", type=int, default=2000, help="total iterations (also the target when resuming)")
+    g.add_argument("--iters", type=int, default=None, help="total iterations, also when resuming (toy 2000, pixart 500)")
     g.add_argument("--resume", default=None, help="a run folder to continue from its ckpt.safetensors")
+    g.add_argument("--device", default=None, help="default: cuda when available, else cpu (the toy always runs on cpu)")
     g = p.add_argument_group("TDM (tdm-method.md Sec. 8; defaults = official code unless noted)")
     g.add_argument("--steps", type=int, default=4, help="student steps K")
     g.add_argument("--unify", default="", help="TDM-unify: step counts to support, e.g. 1,2,4 (K drawn per batch)")
     g.add_argument("--t-max", type=int, default=899, help="first grid time: 899 official, 999 = paper's uniform grid")
-    g.add_argument("--cfg", type=float, default=1.0, help="guidance of the teacher score (official PixArt: 4.5)")
+    g.add_argument("--cfg", type=float, default=None, help="guidance of the teacher score (toy 1; pixart 4.5 official)")
     g.add_argument("--shared-interval", action="store_true", help="tau in [t_m, T) instead of the step's own interval")
     g.add_argument("--randmid", action="store_true", help="random landing time (official --use_randmid)")
     g.add_argument("--no-importance", action="store_true", help="drop the importance weight from the fake loss")
@@ -49,8 +60,8 @@ def parse_args(argv=None):
     g.add_argument("--snr-clamp", type=float, default=5.0, help="fake-loss weight min(SNR, this)")
     g.add_argument("--fake-updates", type=int, default=1, help="fake-score updates per generator update")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch", type=int, default=512)
-    g.add_argument("--lr-fake", type=float, default=3e-4, help="fake-score lr (official PixArt 2e-5)")
+    g.add_argument("--batch", type=int, default=None, help="toy 512; pixart 32 (paper)")
+    g.add_argument("--lr-fake", type=float, default=None, help="fake-score lr (toy 3e-4; pixart 2e-5 official)")
     g.add_argument("--lr-ratio", type=float, default=5.0, help="generator lr = lr-fake / this (official 5, paper 10)")
     g.add_argument("--beta1", type=float, default=0.0)
     g.add_argument("--beta2", type=float, default=0.95, help="official 0.95, paper 0.999")
@@ -58,14 +69,25 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, default=50, help="generator lr warm-up iterations")
     g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="generator lr after warm-up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="student grad-norm clip (fake: none, as official)")
-    g.add_argument("--ema", type=float, default=0.995, help="student EMA decay (0 = off; official off); the EMA "
-                   "is what is saved and evaluated")
+    g.add_argument("--ema", type=float, default=None, help="student EMA decay, 0 = off (toy 0.995; pixart off, as "
+                   "official); the EMA is what is saved and evaluated")
+    g.add_argument("--lora", type=int, default=0, help="pixart: LoRA rank for student and fake on one shared frozen "
+                   "base (0 = full fine-tune of two copies)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on GPU")
+    g.add_argument("--grad-checkpointing", default="auto", choices=["auto", "on", "off"], help="auto: on for GPU")
     g = p.add_argument_group("logging")
-    g.add_argument("--eval-every", type=int, default=200, help="iterations between metric-curve points (0 = off)")
-    g.add_argument("--eval-n", type=int, default=20000, help="samples per curve point")
-    g.add_argument("--final-eval-n", type=int, default=50000, help="samples for the final metrics (0 = skip)")
-    g.add_argument("--save-every", type=int, default=1000)
-    return p.parse_args(argv)
+    g.add_argument("--eval-every", type=int, default=200, help="toy: iterations between metric-curve points (0 = off)")
+    g.add_argument("--eval-n", type=int, default=20000, help="toy: samples per curve point")
+    g.add_argument("--final-eval-n", type=int, default=50000, help="toy: samples for the final metrics (0 = skip)")
+    g.add_argument("--preview-every", type=int, default=50, help="pixart: iterations between 1- and 4-step previews")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint interval (toy 1000, pixart 500)")
+    args = p.parse_args(argv)
+    kind = "pixart" if args.teacher == "pixart" else "toy"
+    for k, v in DEFAULTS[kind].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 #################################################################################
@@ -95,9 +117,10 @@ def _unflatten(obj, tensors):
 
 
 def _write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir, state, meta):
@@ -121,6 +144,41 @@ def load_checkpoint(run_dir):
 
 
 #################################################################################
+#                          Student, fake score and EMA                          #
+#################################################################################
+
+def build_student_and_fake(teacher, args, unify):
+    """Student and fake start as the teacher network (Sec. 4.1): two trainable copies, or two LoRA adapters on
+    the teacher's own frozen base (`--lora`). Under TDM-unify both get a zero-initialised step embedding, so at
+    iteration 0 student = fake = teacher either way."""
+    if args.lora:
+        if unify:
+            raise SystemExit("--unify with --lora is not supported: the step embedding would be a full layer; "
+                             "use full fine-tuning for TDM-unify")
+        net = add_lora(teacher.network, args.lora, args.lora_alpha)      # freezes the base
+        student, fake = LoRAView(net, "student"), LoRAView(net, "fake")
+        for p in list(student.adapter) + list(fake.adapter):
+            p.data = p.data.float()                                      # adapters train in fp32 on a bf16 base
+            p.requires_grad_(True)
+        return student, fake
+    return teachers.copy_network(teacher.network, unify), teachers.copy_network(teacher.network, unify)
+
+
+@contextlib.contextmanager
+def weights_swapped(module, state):
+    """Run with `state` (e.g. the EMA) loaded into `module`, then put its own weights back."""
+    if state is None:
+        yield module
+        return
+    own = {k: v.clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(state)
+    try:
+        yield module
+    finally:
+        module.load_state_dict(own)
+
+
+#################################################################################
 #                          Training                                             #
 #################################################################################
 
@@ -129,25 +187,37 @@ def main(argv=None):
     resume_state = None
     if args.resume:
         resume_state, old = load_checkpoint(args.resume)
-        keep = {"iters", "resume", "eval_every", "eval_n", "final_eval_n", "save_every"}
+        keep = {"iters", "resume", "eval_every", "eval_n", "final_eval_n", "save_every", "preview_every", "device"}
         args = argparse.Namespace(**{**old["args"], **{k: v for k, v in vars(args).items() if k in keep}})
-        args.name, args.out = os.path.basename(os.path.normpath(args.resume)), os.path.dirname(
-            os.path.normpath(args.resume)) or "."
-    run_dir = os.path.join(args.out, args.name or f"toy-{os.path.splitext(os.path.basename(args.toy_target))[0]}")
+        args.out, args.name = os.path.split(os.path.normpath(args.resume))
+    toy = args.teacher != "pixart"
+    name = args.name or (f"toy-{os.path.splitext(os.path.basename(args.toy_target))[0]}" if toy else "pixart")
+    run_dir = os.path.join(args.out or ".", name)
     os.makedirs(run_dir, exist_ok=True)
     unify = tuple(int(k) for k in args.unify.split(",") if k) if args.unify else ()
+    device = torch.device("cpu" if toy else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     torch.manual_seed(args.seed)
 
-    # Teacher, student and fake score: student and fake start as copies of the teacher network (Sec. 4.1),
-    # with a zero-initialised step-count embedding under TDM-unify, so at step 0 student = fake = teacher.
-    teacher = teachers.load_teacher(args.teacher, target=args.toy_target, log=tqdm.write)
-    student = teachers.copy_network(teacher.network, unify)
-    fake = teachers.copy_network(teacher.network, unify)
-    ema = copy.deepcopy(student).requires_grad_(False) if args.ema > 0 else None
+    # Teacher, student and fake score.
+    if toy:
+        teacher = teachers.load_teacher(args.teacher, target=args.toy_target, log=tqdm.write)
+        prompts = None
+    else:
+        prompts = teachers.read_prompts(args.prompts)
+        teacher = teachers.load_teacher("pixart", args.weights, device=device,
+                                        dtype=torch.bfloat16 if bf16 and args.lora else torch.float32, log=tqdm.write)
+        teacher.encode(prompts)                 # T5 once per prompt, cached on disk; freed afterwards
+        if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
+            teacher.network.gradient_checkpointing = True
+    student, fake = build_student_and_fake(teacher, args, unify)
+    ema = {k: v.detach().clone() for k, v in student.state_dict().items()} if args.ema > 0 else None
     betas = (args.beta1, args.beta2)
     lr_student = args.lr_fake / args.lr_ratio
-    opt_student = torch.optim.AdamW(student.parameters(), lr=lr_student, betas=betas, weight_decay=args.weight_decay)
-    opt_fake = torch.optim.AdamW(fake.parameters(), lr=args.lr_fake, betas=betas, weight_decay=args.weight_decay)
+    opt_student = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr_student,
+                                    betas=betas, weight_decay=args.weight_decay)
+    opt_fake = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=args.lr_fake, betas=betas,
+                                 weight_decay=args.weight_decay)
     config = tdm.TDMConfig(K=args.steps, t_max=args.t_max, unify=unify, cfg=args.cfg,
                            separate=not args.shared_interval, randmid=args.randmid,
                            importance=not args.no_importance, loss=args.loss, huber_c=args.huber_c,
@@ -158,9 +228,10 @@ def main(argv=None):
         fake.load_state_dict(resume_state["fake"])
         opt_student.load_state_dict(resume_state["opt_student"])
         opt_fake.load_state_dict(resume_state["opt_fake"])
-        if ema is not None:
-            ema.load_state_dict(resume_state["ema"])
+        ema = resume_state.get("ema")
         torch.set_rng_state(resume_state["rng"])
+        if device.type == "cuda" and "cuda_rng" in resume_state:
+            torch.cuda.set_rng_state(resume_state["cuda_rng"])
         start = int(resume_state["iteration"])
 
     def lr_at(i):   # generator: linear warm-up, then constant or cosine (official: cosine, 50 warm-up steps)
@@ -170,76 +241,107 @@ def main(argv=None):
         return lr_student * warm
 
     x0_of = lambda net: (lambda x, t, c, K: teacher.x0(net, x, t, c, K))      # network -> x0 denoiser
-    meta = lambda it: dict(teacher=args.teacher, target=args.toy_target, network=student.config, t_max=args.t_max,
-                           K=args.steps, unify=list(unify), grid=tdm.time_grid(args.steps, args.t_max), cfg=args.cfg,
+    meta = lambda it: dict(teacher=args.teacher, target=args.toy_target, weights=args.weights,
+                           network=getattr(student, "config", None) if toy else None, lora=args.lora,
+                           lora_alpha=args.lora_alpha or args.lora, t_max=args.t_max, K=args.steps,
+                           unify=list(unify), grid=tdm.time_grid(args.steps, args.t_max), cfg=args.cfg,
                            iteration=it, args=vars(args), tdm=asdict(config))
 
     def state(it):
         s = dict(student=student.state_dict(), fake=fake.state_dict(), opt_student=opt_student.state_dict(),
                  opt_fake=opt_fake.state_dict(), rng=torch.get_rng_state(), iteration=torch.tensor(it))
+        if device.type == "cuda":
+            s["cuda_rng"] = torch.cuda.get_rng_state()
         if ema is not None:
-            s["ema"] = ema.state_dict()
+            s["ema"] = ema
         return s
 
-    # The metric curve: the student's SW2 / mode error at each K on fixed labels and noise, plus the
-    # teacher's 4-step and 100-step samplers on the same reference as horizontal lines.
-    curve_labels = teacher.sample_labels(args.eval_n, torch.Generator().manual_seed(123))
-    curve_ref = teacher.gmm.sample(args.eval_n, labels=curve_labels, generator=torch.Generator().manual_seed(124))[0] \
-        if args.cfg == 1.0 else ev.teacher_samples(teacher, curve_labels, 100, args.cfg, seed=125)
+    if toy:
+        log_curve = toy_curve_logger(teacher, student, lambda: ema, args, unify, run_dir)
+        if start == 0:
+            open(os.path.join(run_dir, "metrics.jsonl"), "w").close()
+            if args.eval_every:
+                log_curve(0)
+    else:
+        preview = pixart_previewer(teacher, student, lambda: ema, prompts, args, run_dir)
 
-    def quick_eval(it):
-        net = ema if ema is not None else student
-        row = {"iteration": it}
-        if it == 0:
-            for N in (4, 100):
-                row[f"teacher_sw2_{N}"] = ev.sliced_w2(ev.teacher_samples(teacher, curve_labels, N, args.cfg), curve_ref)
-        for K in (unify or (args.steps,)):
-            x = ev.student_samples(teacher, net.eval(), curve_labels, K, args.t_max, bool(unify))
-            row[f"sw2_{K}"] = ev.sliced_w2(x, curve_ref)
-            row[f"mode_{K}"] = ev.mode_coverage_error(x, teacher.gmm)
-        net.train()
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
-
-    if start == 0:
-        open(os.path.join(run_dir, "metrics.jsonl"), "w").close()
-        if args.eval_every:
-            quick_eval(0)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
+        else contextlib.nullcontext
     t0 = time.time()
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="TDM", dynamic_ncols=True)
     for it in bar:
         for group in opt_student.param_groups:
             group["lr"] = lr_at(it)
-        labels = teacher.sample_labels(args.batch)
-        logs = tdm.tdm_step(x0_of(student), x0_of(fake), teacher, teacher.encode(labels),
-                            teacher.uncond(args.batch), opt_student, opt_fake, config)
+        if toy:
+            labels = teacher.sample_labels(args.batch)
+            cond, uncond = teacher.encode(labels), teacher.uncond(args.batch)
+        else:
+            batch = [prompts[i] for i in torch.randint(len(prompts), (args.batch,)).tolist()]
+            cond, uncond = teacher.encode(batch), teacher.uncond(args.batch)
+        with amp():
+            logs = tdm.tdm_step(x0_of(student), x0_of(fake), teacher, cond, uncond, opt_student, opt_fake, config)
         if ema is not None:
             with torch.no_grad():
-                for pe, ps in zip(ema.parameters(), student.parameters()):
-                    pe.lerp_(ps, 1 - args.ema)
+                for k, v in student.state_dict().items():
+                    ema[k].lerp_(v.to(ema[k].dtype), 1 - args.ema)
         bar.set_postfix(fake=f"{logs['loss_fake']:.4f}", gen=f"{logs['loss_gen']:.4f}", K=logs["K"])
         done = it + 1
-        if args.eval_every and done % args.eval_every == 0:
-            row = quick_eval(done)
+        if toy and args.eval_every and done % args.eval_every == 0:
+            row = log_curve(done)
             tqdm.write(f"iter {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "iteration"))
+        if not toy and args.preview_every and done % args.preview_every == 0:
+            preview(done)
         if done % args.save_every == 0 or done == args.iters:
             save_checkpoint(run_dir, state(done), meta(done))
     train_time = time.time() - t0
 
-    # Final figure and metrics.
-    net = (ema if ema is not None else student).eval()
-    if args.final_eval_n:
-        rows = ev.evaluate(teacher, net, n=args.final_eval_n, cfg=args.cfg, t_max=args.t_max, unify=bool(unify),
-                           student_steps=unify or (1, 2, 4))
-        print(ev.format_table(rows))
-        _write_json(dict(rows=rows, cfg=args.cfg, train_seconds=train_time, iters=args.iters),
-                    os.path.join(run_dir, "metrics.json"))
-    figure(teacher, net, args, unify).save(os.path.join(run_dir, "figure.png"))
+    if toy:
+        toy_report(teacher, student, ema, args, unify, run_dir, train_time)
+    else:
+        preview(args.iters)
+    print(f"wrote {run_dir}/; training took {train_time:.0f} s ({train_time / max(1, args.iters - start):.3f} s/iter)")
+    return run_dir
+
+
+#################################################################################
+#                          Toy: metric curve, figure, final metrics            #
+#################################################################################
+
+def toy_curve_logger(teacher, student, get_ema, args, unify, run_dir):
+    """A function it -> row that appends the student's SW2 / mode error at each K (fixed labels and noise) to
+    metrics.jsonl; row 0 also holds the teacher's 4- and 100-step SW2 on the same reference."""
+    labels = teacher.sample_labels(args.eval_n, torch.Generator().manual_seed(123))
+    ref = teacher.gmm.sample(args.eval_n, labels=labels, generator=torch.Generator().manual_seed(124))[0] \
+        if args.cfg == 1.0 else ev.teacher_samples(teacher, labels, 100, args.cfg, seed=125)
+
+    def log(it):
+        row = {"iteration": it}
+        if it == 0:
+            for N in (4, 100):
+                row[f"teacher_sw2_{N}"] = ev.sliced_w2(ev.teacher_samples(teacher, labels, N, args.cfg), ref)
+        with weights_swapped(student, get_ema()) as net:
+            for K in (unify or (args.steps,)):
+                x = ev.student_samples(teacher, net, labels, K, args.t_max, bool(unify))
+                row[f"sw2_{K}"] = ev.sliced_w2(x, ref)
+                row[f"mode_{K}"] = ev.mode_coverage_error(x, teacher.gmm)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+    return log
+
+
+def toy_report(teacher, student, ema, args, unify, run_dir, train_time):
+    """Final metric table (metrics.json), figure.png and curve.png."""
+    with weights_swapped(student, ema) as net:
+        if args.final_eval_n:
+            rows = ev.evaluate(teacher, net, n=args.final_eval_n, cfg=args.cfg, t_max=args.t_max, unify=bool(unify),
+                               student_steps=unify or (1, 2, 4))
+            print(ev.format_table(rows))
+            _write_json(dict(rows=rows, cfg=args.cfg, train_seconds=train_time, iters=args.iters),
+                        os.path.join(run_dir, "metrics.json"))
+        figure(teacher, net, args, unify).save(os.path.join(run_dir, "figure.png"))
     if args.eval_every:
         curve(os.path.join(run_dir, "metrics.jsonl")).save(os.path.join(run_dir, "curve.png"))
-    print(f"wrote {run_dir}/ (student.safetensors, figure.png, metrics.json); training took {train_time:.0f} s")
-    return run_dir
 
 
 def curve(metrics_path):
@@ -272,6 +374,27 @@ def figure(teacher, net, args, unify, n=20000):
                              teacher.schedule, tdm.time_grid(K, args.t_max))
     panels.append(sample.trajectory_panel(xs + [x0s[-1]], labels, title=f"student trajectory ({K} steps)"))
     return sample.hstack(panels)
+
+
+#################################################################################
+#                          PixArt: previews                                     #
+#################################################################################
+
+def pixart_previewer(teacher, student, get_ema, prompts, args, run_dir, n=4):
+    """A function it -> None saving previews/<it>.png: the first n prompts at 1 step (top) and K steps (bottom),
+    fixed noise, no CFG (as the official code's 1- and 4-step previews)."""
+    os.makedirs(os.path.join(run_dir, "previews"), exist_ok=True)
+    fixed = prompts[:n]
+    x_T = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(args.seed)).to(teacher.device)
+
+    @torch.no_grad()
+    def preview(it):
+        cond = teacher.encode(fixed)
+        with weights_swapped(student, get_ema()) as net:
+            rows = [sample.student_sample(teacher, net, x_T, cond, K, args.t_max) for K in (1, args.steps)]
+        images = teacher.decode(torch.cat(rows))
+        sample.image_grid(images, cols=n).save(os.path.join(run_dir, "previews", f"{it:06d}.png"))
+    return preview
 
 
 if __name__ == "__main__":

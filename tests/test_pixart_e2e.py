@@ -1,0 +1,75 @@
+"""End to end on a tiny random PixArt folder in the real diffusers layout: train (full and LoRA), resume, sample."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from pixart_fixture import write_tiny_pixart
+
+PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "an astronaut riding a horse",
+           "a watercolor city skyline", "a macro photo of a bee"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pixart_e2e")
+    folder = write_tiny_pixart(str(root / "PixArt-tiny"))
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return root, folder, str(prompts)
+
+
+def _train(root, folder, prompts, name, *extra):
+    return train.main(["--teacher", "pixart", "--weights", folder, "--prompts", prompts, "--out", str(root),
+                       "--name", name, "--batch", "2", "--preview-every", "2", "--save-every", "2", *extra])
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_train_resume_sample(setup, lora):
+    root, folder, prompts = setup
+    straight = _train(root, folder, prompts, f"straight{lora}", "--iters", "4", "--lora", str(lora))
+    for f in ("student.safetensors", "student.json", "ckpt.safetensors", "ckpt.json", "previews/000004.png"):
+        assert os.path.exists(os.path.join(straight, f)), f
+    meta = json.load(open(os.path.join(straight, "student.json")))
+    assert meta["cfg"] == 4.5 and meta["t_max"] == 899 and meta["lora"] == lora and meta["grid"] == [899, 674, 449, 224]
+    # resume: 2 iterations, then continue to 4 -> the same weights as 4 straight iterations
+    split = _train(root, folder, prompts, f"split{lora}", "--iters", "2", "--lora", str(lora))
+    train.main(["--resume", split, "--iters", "4"])
+    a = sample.read_state_dict(os.path.join(straight, "ckpt.safetensors"))
+    b = sample.read_state_dict(os.path.join(split, "ckpt.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith(("student.", "fake.")):
+            assert torch.equal(a[k], b[k]), k
+    # the student actually trained: its weights moved away from the teacher's
+    teacher, net, _ = sample.load_run(straight, device="cpu")
+    moved = sum((v.float() - teacher.network.state_dict()[k].float()).abs().sum().item()
+                for k, v in net.state_dict().items() if k in teacher.network.state_dict()) if not lora else \
+        sum(v.abs().sum().item() for k, v in net.state_dict().items() if "lora_B" in k)
+    assert moved > 0
+    out = str(root / f"student{lora}.png")
+    sample.main(["--student", straight, "--steps", "4", "--out", out, "--prompts", "a cat", "a dog"])
+    assert Image.open(out).size == (2 * 64 + 2, 64)
+    # fixed seeds give identical images
+    out2 = str(root / f"student{lora}_again.png")
+    sample.main(["--student", straight, "--steps", "4", "--out", out2, "--prompts", "a cat", "a dog"])
+    assert Image.open(out).tobytes() == Image.open(out2).tobytes()
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm"])
+def test_sample_teacher(setup, solver):
+    root, folder, _ = setup
+    out = str(root / f"teacher_{solver}.png")
+    sample.main(["--teacher", "pixart", "--weights", folder, "--steps", "3", "--solver", solver, "--out", out,
+                 "--prompts", "a cat"])
+    assert Image.open(out).size == (64, 64)
+
+
+def test_missing_weights_flag(setup):
+    root, _, prompts = setup
+    with pytest.raises(ValueError, match="--weights"):
+        train.main(["--teacher", "pixart", "--prompts", prompts, "--out", str(root), "--iters", "1"])
