@@ -1,0 +1,161 @@
+"""Benchmark: network forwards, seconds per TDM iteration and memory, ours vs the official call pattern.
+
+    python benchmark.py                       # small random DiT on CPU (seconds)
+    python benchmark.py --full-size --device cuda   # PixArt-XL-2 512 random weights on a GPU, with peak memory
+
+The official pattern (train_tdm_demo.py, tdm-method.md Sec. 4.2) rolls out all K steps, recomputes the
+student prediction in the fake phase, calls the teacher there without using the result, and runs the
+conditional and unconditional teacher passes separately. Ours is tdm.tdm_step. Both are timed on the
+same networks in one run; ratios are what to read. Forwards are counted in network rows (samples).
+"""
+import argparse
+import contextlib
+import copy
+import time
+
+import torch
+
+import tdm
+from models import LoRAView, PixArtConfig, add_lora, dit_from_config, pixart_xl_2_512_config
+from teachers import PixArtTeacher
+
+
+def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config):
+    """The official demo's call pattern, with the same maths as tdm.tdm_step (kept only for this comparison)."""
+    c, sch = config, teacher.schedule
+    B = cond[0].shape[0]
+    grid = tdm.time_grid(c.K, c.t_max)
+    t_next = tdm.landing_times(grid)
+    stu = lambda x, t, cnd: student(x, t, cnd, None)
+    x_T = torch.randn((B, *teacher.sample_shape), device=cond[0].device)
+    xs, _, _ = tdm.rollout(stu, x_T, cond, sch, grid)                        # all K steps, always
+    pick = lambda k: (torch.tensor(grid, device=k.device)[k], torch.tensor(t_next, device=k.device)[k])
+    # fake phase: recompute the student's prediction, plus a teacher call whose result is never used
+    k = torch.randint(c.K, (B,), device=x_T.device)
+    t_g, t_m = pick(k)
+    x_g = torch.stack(xs)[k, torch.arange(B)]
+    with torch.no_grad():
+        x0_hat = stu(x_g, t_g, cond)
+        eps_hat = tdm.eps_from_x0(x_g, x0_hat, sch, t_g)
+        tau = tdm.sample_tau(t_g, t_m, c.separate, c.t_max)
+        z = torch.randn_like(x_g)
+        x_tau, _, _ = tdm.rediffuse(tdm.ddim_step(x0_hat, eps_hat, sch, t_m), sch, t_m, tau, z)
+        w_is = tdm.importance_weight(eps_hat, z, sch, t_m, tau)
+        teacher.denoise(x_tau, tau, cond)                                   # unused
+    loss = tdm.fake_score_loss(fake(x_tau, tau, cond, None), x0_hat, sch, tau, w_is)
+    opt_fake.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_fake.step()
+    # generator phase: cond and uncond teacher passes separately
+    k = torch.randint(c.K, (B,), device=x_T.device)
+    t_g, t_m = pick(k)
+    x_g = torch.stack(xs)[k, torch.arange(B)]
+    x0_hat = stu(x_g, t_g, cond)
+    with torch.no_grad():
+        x_m = tdm.ddim_step(x0_hat, tdm.eps_from_x0(x_g, x0_hat, sch, t_g), sch, t_m)
+        tau = tdm.sample_tau(t_g, t_m, c.separate, c.t_max)
+        x_tau, _, _ = tdm.rediffuse(x_m, sch, t_m, tau, torch.randn_like(x_m))
+        r_c, r_u = teacher.denoise(x_tau, tau, cond), teacher.denoise(x_tau, tau, uncond)
+        f = fake(x_tau, tau, cond, None)
+    loss = tdm.generator_loss(x0_hat, r_u + c.cfg * (r_c - r_u), f)
+    opt_student.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt_student.param_groups for p in g["params"]], 1.0)
+    opt_student.step()
+
+
+class RowCounter:
+    """Counts the rows (samples) and calls through the forward of some modules."""
+    def __init__(self, modules):
+        self.rows = self.calls = 0
+        self.handles = [m.register_forward_pre_hook(self.hook) for m in modules]
+
+    def hook(self, module, args):
+        self.rows += args[0].shape[0]
+        self.calls += 1
+
+
+def setup(config, device, lora, dtype, batch):
+    """Teacher around a random DiT, student/fake (two copies, or two adapters of one base), optimisers, conds."""
+    torch.manual_seed(0)
+    net = dit_from_config(config, device=device).to(dtype)
+    teacher = PixArtTeacher.from_network(net)
+    if lora:
+        add_lora(net, lora)
+        student, fake = LoRAView(net, "student"), LoRAView(net, "fake")
+        for p in list(student.adapter) + list(fake.adapter):
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        nets = [net]
+    else:
+        student, fake = (copy.deepcopy(net).float().requires_grad_(True) for _ in range(2))
+        nets = [net, student, fake]
+    x0_of = lambda m: (lambda x, t, c, K: teacher.x0(m, x, t, c, K))
+    opt_s = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6, betas=(0.0, 0.95))
+    opt_f = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=1e-6, betas=(0.0, 0.95))
+    L = 120
+    cond = (torch.randn(batch, L, config.caption_channels, device=device),
+            (torch.arange(L, device=device) < 20).long().expand(batch, L).contiguous())
+    uncond = (torch.randn(batch, L, config.caption_channels, device=device),
+              (torch.arange(L, device=device) < 1).long().expand(batch, L).contiguous())
+    return teacher, x0_of(student), x0_of(fake), opt_s, opt_f, cond, uncond, nets
+
+
+def measure(step, args, config, device, lora, dtype):
+    teacher, student, fake, opt_s, opt_f, cond, uncond, nets = setup(config, device, lora, dtype, args.batch)
+    if args.checkpointing:
+        for n in nets:
+            n.gradient_checkpointing = True
+    tdm_config = tdm.TDMConfig(K=4, cfg=4.5)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        with amp():
+            step(student, fake, teacher, cond, uncond, opt_s, opt_f, tdm_config)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    counter = RowCounter(nets)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        with amp():
+            step(student, fake, teacher, cond, uncond, opt_s, opt_f, tdm_config)
+    sync()
+    sec = (time.perf_counter() - t0) / args.iters
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return dict(rows=counter.rows / args.iters / args.batch, calls=counter.calls / args.iters, sec=sec, peak=peak)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--full-size", action="store_true", help="PixArt-XL-2 512 config (random weights; needs a GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--lora", type=int, default=64, help="rank for the LoRA-on-shared-base rows")
+    p.add_argument("--checkpointing", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    config = pixart_xl_2_512_config() if args.full_size else PixArtConfig(
+        num_layers=4, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128, sample_size=16,
+        caption_channels=64)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    rows = {}
+    for name, step, lora in [("official pattern, full", official_step, 0), ("ours (tdm_step), full", tdm.tdm_step, 0),
+                             ("ours (tdm_step), LoRA", tdm.tdm_step, args.lora)]:
+        torch.manual_seed(0)
+        rows[name] = measure(step, args, config, device, lora, dtype)
+    print(f"DiT: {config.num_layers} layers, hidden {config.hidden_size}, latent {config.sample_size}^2, "
+          f"batch {args.batch}, K=4, cfg 4.5, device {device}")
+    print(f"{'':24s} {'rows/sample':>11s} {'calls':>6s} {'s/iter':>8s} {'peak GiB':>9s}")
+    for name, r in rows.items():
+        print(f"{name:24s} {r['rows']:11.2f} {r['calls']:6.1f} {r['sec']:8.3f} {r['peak']:9.2f}")
+    o, u = rows["official pattern, full"], rows["ours (tdm_step), full"]
+    print(f"ours / official: forwards {u['rows'] / o['rows']:.2f}, seconds {u['sec'] / o['sec']:.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
