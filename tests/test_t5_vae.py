@@ -47,15 +47,6 @@ def randomize(module, std, seed):
     return module.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared 2-core machine (50x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """A pipeline folder with tokenizer/, text_encoder/ and vae/ written by transformers / diffusers."""

@@ -22,15 +22,6 @@ from models import ToyMLP, timestep_embedding
 EPS32 = torch.finfo(torch.float32).eps   # 1.19e-7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster than two on the 2-core CI box (and deterministic)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _at(sch, t):
     """(alpha, sigma) at integer t in float64, straight from alphas_cumprod."""
     ac = sch.alphas_cumprod[torch.as_tensor(t)]
