@@ -88,9 +88,14 @@ def rediffuse(x_s, schedule, s, tau, z):
     This is the official `Predictor.add_noise`; beta^2 is clamped at 0 (it rounds negative when tau ~ s).
     Returns (x_tau, a, beta) with a = alpha_tau / alpha_s.
     """
-    a = schedule.alpha(tau) / schedule.alpha(s)
-    beta = (schedule.sigma(tau) ** 2 - (a * schedule.sigma(s)) ** 2).clamp(min=0).sqrt()
+    a, beta = transition(schedule, s, tau)
     return _bc(a, x_s) * x_s + _bc(beta, x_s) * z, a, beta
+
+
+def transition(schedule, s, tau):
+    """(a, beta) of q(x_tau | x_s): a = alpha_tau / alpha_s, beta = sqrt(max(0, sigma_tau^2 - (a sigma_s)^2))."""
+    a = schedule.alpha(tau) / schedule.alpha(s)
+    return a, (schedule.sigma(tau) ** 2 - (a * schedule.sigma(s)) ** 2).clamp(min=0).sqrt()
 
 
 #################################################################################
@@ -195,8 +200,7 @@ def importance_weight(eps_hat, z, schedule, t_m, tau):
     sigma_m factor of the 2025-10-20 fix), and w = exp(-mean(m^2)/2) / exp(-mean(z^2)/2), means over
     the non-batch dimensions, normalising constants dropped. -> (B,)
     """
-    a = schedule.alpha(tau) / schedule.alpha(t_m)
-    beta = (schedule.sigma(tau) ** 2 - (a * schedule.sigma(t_m)) ** 2).clamp(min=0).sqrt()
+    a, beta = transition(schedule, t_m, tau)
     m = (_bc(a * schedule.sigma(t_m), eps_hat) * eps_hat + _bc(beta, z) * z) / _bc(schedule.sigma(tau), z)
     dims = list(range(1, z.dim()))
     return torch.exp(-0.5 * m.pow(2).mean(dims) + 0.5 * z.pow(2).mean(dims))
@@ -209,21 +213,28 @@ def fake_score_loss(f_x0, x0_hat, schedule, tau, w_is, snr_clamp=5.0):
     return (mse * schedule.snr(tau).clamp(max=snr_clamp) * w_is).mean()
 
 
-def generator_loss(x0_hat, r_cfg, f_x0, huber_c=1e-3, loss="huber"):
+def generator_loss(x0_hat, r_cfg, f_x0, huber_c=1e-3, loss="huber", normalise=True):
     """Surrogate of the reverse-KL gradient (Eq. 6) on x0_hat, as the official code does (Sec. 3.7).
 
-    target = sg(x0_hat) + (r_c - f) + (cfg - 1)(r_c - r_u) = sg(x0_hat) + (r_cfg - f),
-    normalised per sample by w = mean|x0_hat - r_cfg| (DMD), then element-wise pseudo-Huber
-    sqrt(d^2 + c^2) - c (Eq. 11, official element-wise c = 1e-3) or MSE.
+    target = sg(x0_hat) + (r_c - f) + (cfg - 1)(r_c - r_u) = sg(x0_hat) + (r_cfg - f), d = x0_hat - target;
+    loss "huber": element-wise pseudo-Huber sqrt(d^2 + c^2) - c (official, c = 1e-3); "huber-sample": the
+    paper's Eq. (11), per-sample sqrt(|d|^2 + c^2) - c with c = 0.00054 sqrt(dim); "mse": d^2 (Eq. 10).
+    Each sample is divided by w = mean|x0_hat - r_cfg| (DMD normaliser) unless normalise=False.
     """
+    if loss not in ("huber", "huber-sample", "mse"):
+        raise ValueError(f"generator loss {loss!r}: expected 'huber', 'huber-sample' or 'mse'")
     dims = list(range(1, x0_hat.dim()))
     target = (x0_hat + (r_cfg - f_x0)).detach()          # grouped so that f = r_cfg gives exactly x0_hat
-    w = (x0_hat.detach().double() - r_cfg.double()).abs().mean(dims).float().clamp(min=1e-12)   # (B,)
     d2 = (x0_hat - target).pow(2)
-    per_elem = (d2 + huber_c ** 2).sqrt() - huber_c if loss == "huber" else d2
-    if loss not in ("huber", "mse"):
-        raise ValueError(f"generator loss {loss!r}: expected 'huber' or 'mse'")
-    return (per_elem / _bc(w, per_elem)).mean()
+    if loss == "huber-sample":
+        c = 0.00054 * math.sqrt(d2[0].numel())
+        per_sample = (d2.sum(dims) + c ** 2).sqrt() - c                               # (B,)
+    else:
+        per_sample = ((d2 + huber_c ** 2).sqrt() - huber_c if loss == "huber" else d2).mean(dims)   # (B,)
+    if normalise:
+        w = (x0_hat.detach().double() - r_cfg.double()).abs().mean(dims).float().clamp(min=1e-12)   # (B,)
+        per_sample = per_sample / w
+    return per_sample.mean()
 
 
 #################################################################################
@@ -240,8 +251,9 @@ class TDMConfig:
     separate: bool = True            # diffusing interval [t_m, t_g) per step (else [t_m, T))
     randmid: bool = False            # random landing time (official --use_randmid)
     importance: bool = True          # importance weight in the fake loss
-    loss: str = "huber"              # generator loss: "huber" (element-wise pseudo-Huber) or "mse"
+    loss: str = "huber"              # generator loss: "huber" (official element-wise), "huber-sample" (paper), "mse"
     huber_c: float = 1e-3
+    normalise: bool = True           # DMD per-sample normaliser 1 / mean|x0_hat - r_cfg|
     snr_clamp: float = 5.0           # omega_tau = min(SNR_tau, 5)
     tau_min: int = 20
     margin: int = 10
@@ -323,7 +335,7 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
         x_tau, _, _ = rediffuse(x_m, sch, t_m, tau, torch.randn_like(x_m))
         r_cfg = cfg_denoise(teacher.denoise, x_tau, tau, cond, uncond, c.cfg)   # real score, with CFG
         f_x0 = fak(x_tau, tau, cond)                                             # fake score, no CFG
-    loss_gen = generator_loss(x0_hat, r_cfg, f_x0, c.huber_c, c.loss)
+    loss_gen = generator_loss(x0_hat, r_cfg, f_x0, c.huber_c, c.loss, c.normalise)
     opt_student.zero_grad(set_to_none=True)
     loss_gen.backward()
     logs["grad_norm"] = _clip(opt_student, c.grad_clip)

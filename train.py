@@ -55,8 +55,12 @@ def parse_args(argv=None):
     g.add_argument("--shared-interval", action="store_true", help="tau in [t_m, T) instead of the step's own interval")
     g.add_argument("--randmid", action="store_true", help="random landing time (official --use_randmid)")
     g.add_argument("--no-importance", action="store_true", help="drop the importance weight from the fake loss")
-    g.add_argument("--loss", default="huber", choices=["huber", "mse"], help="generator loss")
-    g.add_argument("--huber-c", type=float, default=1e-3)
+    g.add_argument("--loss", default="huber", choices=["huber", "huber-sample", "mse"],
+                   help="generator loss: official element-wise pseudo-Huber, the paper's per-sample one, or MSE")
+    g.add_argument("--huber-c", type=float, default=1e-3, help="element-wise pseudo-Huber constant (official)")
+    g.add_argument("--no-normalise", action="store_true", help="drop the DMD normaliser 1/mean|x0_hat - r_cfg|")
+    g.add_argument("--tau-min", type=int, default=20, help="smallest tau drawn (official 20)")
+    g.add_argument("--margin", type=int, default=10, help="tau stays this far below t_g (or T) (official 10)")
     g.add_argument("--snr-clamp", type=float, default=5.0, help="fake-loss weight min(SNR, this)")
     g.add_argument("--fake-updates", type=int, default=1, help="fake-score updates per generator update")
     g = p.add_argument_group("optimisation")
@@ -221,6 +225,7 @@ def main(argv=None):
     config = tdm.TDMConfig(K=args.steps, t_max=args.t_max, unify=unify, cfg=args.cfg,
                            separate=not args.shared_interval, randmid=args.randmid,
                            importance=not args.no_importance, loss=args.loss, huber_c=args.huber_c,
+                           normalise=not args.no_normalise, tau_min=args.tau_min, margin=args.margin,
                            snr_clamp=args.snr_clamp, fake_updates=args.fake_updates, grad_clip=args.grad_clip)
     start = 0
     if resume_state is not None:

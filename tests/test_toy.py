@@ -410,6 +410,25 @@ def test_generator_loss_gradient_has_documented_form(shape):
         tdm.generator_loss(x0_hat, r, f, loss="l1")
 
 
+@pytest.mark.parametrize("shape", [(16, 2), (4, 4, 8, 8)])
+def test_generator_loss_paper_huber_and_no_normaliser(shape):
+    # Eq. (11) per sample: L = mean_b (sqrt(|d_b|^2 + c^2) - c) with c = 0.00054 sqrt(dim), so
+    # dL/dx0_hat = d / sqrt(|d_b|^2 + c^2) / B (normaliser off), and the same divided by w_b when on.
+    dims = list(range(1, len(shape)))
+    B, dim = shape[0], math.prod(shape[1:])
+    bc = lambda v: v.reshape(-1, *([1] * (len(shape) - 1)))
+    c = 0.00054 * math.sqrt(dim)
+    for normalise in (False, True):
+        x0_hat, r, f = _gen_inputs(shape)
+        tdm.generator_loss(x0_hat, r, f, loss="huber-sample", normalise=normalise).backward()
+        d = (f - r).double()
+        want = d / bc((d.pow(2).sum(dims) + c ** 2).sqrt()) / B
+        if normalise:
+            want = want / bc((x0_hat.detach().double() - r.double()).abs().mean(dims))
+        err = ((x0_hat.grad.double() - want).abs() / want.abs()).max().item()
+        assert err <= 4e-5, (normalise, err)     # the float32 rounding of d, as above, twice
+
+
 #################################################################################
 #  9. Rollout                                                                    #
 #################################################################################
