@@ -298,43 +298,46 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
         return lambda x, t, cnd: net(x, t, cnd, torch.full((x.shape[0],), K, device=x.device, dtype=torch.long))
     stu, fak = with_K(student), with_K(fake)
 
-    # Each sample matches one step: the sum over i in Eq. (5) is realised by per-sample draws (Sec. 8 #10).
-    k_fake = [torch.randint(K, (B,), device=device) for _ in range(c.fake_updates)]
-    k_gen = torch.randint(K, (B,), device=device)
-    # (1) Student trajectory, no grad. The fake phase needs the prediction at step k (k + 1 calls), the
-    # generator phase only the point x_{t_g} (k calls; it recomputes the prediction with grad).
-    depth = torch.stack([k + 1 for k in k_fake] + [k_gen]).amax(0)                   # (B,)
-    xs, x0s, eps = rollout(stu, x_T, cond, sch, grid, depth=depth)
+    # Each sample matches one step k: the sum over i in Eq. (5) is realised by per-sample draws (Sec. 8 #10).
+    # One draw and one student prediction serve both phases: the generator needs x0_hat at x_{t_k} with
+    # grad, the fake score the same x0_hat as its target (the official code draws k twice and computes
+    # the prediction three times: in the rollout, in the fake phase and in the generator phase).
+    k = torch.randint(K, (B,), device=device)
+    t_g, t_m_grid = _step_times(k, grid, t_next)
+    # (1) The student's trajectory up to each sample's point x_{t_k}: k calls, no grad.
+    xs, _, _ = rollout(stu, x_T, cond, sch, grid, depth=k)
+    x_g = _gather(xs, k)                                                 # (B, ...) detached x_{t_k}
+    x0_hat = stu(x_g, t_g, cond)                                         # the only path with grad
+    x0_sg = x0_hat.detach()
+    eps_sg = eps_from_x0(x_g, x0_sg, sch, t_g)
 
-    # (2) Fake-score update (Eq. 7), reusing the rollout's own student predictions.
-    logs = {}
-    for k in k_fake:
-        t_g, t_m = _step_times(k, grid, t_next)
-        t_m = sample_landing(t_g, t_m, c.randmid)
-        x0_hat, eps_hat = _gather(x0s, k), _gather(eps, k)
-        x_m = ddim_step(x0_hat, eps_hat, sch, t_m)                      # the trajectory point x_{t_i}
+    def diffused(t_m):   # land on t_m with the DDIM step, then x_tau ~ q(x_tau | x_{t_m}) (Eq. 5)
+        x_m = ddim_step(x0_sg, eps_sg, sch, t_m)                         # the trajectory point x_{t_i}
         tau = sample_tau(t_g, t_m, c.separate, c.t_max, c.tau_min, c.margin)
         z = torch.randn_like(x_m)
-        x_tau, _, _ = rediffuse(x_m, sch, t_m, tau, z)                   # x_tau ~ q(x_tau | x_{t_i})
-        w_is = importance_weight(eps_hat, z, sch, t_m, tau) if c.importance else torch.ones(B, device=device)
-        loss_fake = fake_score_loss(fak(x_tau, tau, cond), x0_hat, sch, tau, w_is, c.snr_clamp)
+        return rediffuse(x_m, sch, t_m, tau, z)[0], tau, z
+
+    # (2) The generator's targets first (Eq. 6; fresh landing, tau and z): the fake score is evaluated
+    # before it trains on these samples' x0_hat, so it cannot partly agree with them already.
+    with torch.no_grad():
+        x_tau, tau, _ = diffused(sample_landing(t_g, t_m_grid, c.randmid))
+        r_cfg = cfg_denoise(teacher.denoise, x_tau, tau, cond, uncond, c.cfg)   # real score, with CFG
+        f_x0 = fak(x_tau, tau, cond)                                             # fake score, no CFG
+
+    # (3) Fake-score update (Eq. 7) on the student's own prediction.
+    logs = {}
+    for _ in range(c.fake_updates):
+        t_m = sample_landing(t_g, t_m_grid, c.randmid)
+        x_tau, tau, z = diffused(t_m)
+        w_is = importance_weight(eps_sg, z, sch, t_m, tau) if c.importance else torch.ones(B, device=device)
+        loss_fake = fake_score_loss(fak(x_tau, tau, cond), x0_sg, sch, tau, w_is, c.snr_clamp)
         opt_fake.zero_grad(set_to_none=True)
         loss_fake.backward()
         _clip(opt_fake, c.fake_grad_clip)
         opt_fake.step()
         logs.update(loss_fake=loss_fake.item(), w_is=w_is.mean().item())
 
-    # (3) Generator update (Eq. 6 through one student step; surrogate Eqs. 10-11).
-    t_g, t_m = _step_times(k_gen, grid, t_next)
-    t_m = sample_landing(t_g, t_m, c.randmid)
-    x_g = _gather(xs, k_gen)                                            # detached trajectory point
-    x0_hat = stu(x_g, t_g, cond)                                        # the only path with grad
-    with torch.no_grad():
-        x_m = ddim_step(x0_hat, eps_from_x0(x_g, x0_hat, sch, t_g), sch, t_m)
-        tau = sample_tau(t_g, t_m, c.separate, c.t_max, c.tau_min, c.margin)
-        x_tau, _, _ = rediffuse(x_m, sch, t_m, tau, torch.randn_like(x_m))
-        r_cfg = cfg_denoise(teacher.denoise, x_tau, tau, cond, uncond, c.cfg)   # real score, with CFG
-        f_x0 = fak(x_tau, tau, cond)                                             # fake score, no CFG
+    # (4) Generator update through one student step (surrogate Eqs. 10-11).
     loss_gen = generator_loss(x0_hat, r_cfg, f_x0, c.huber_c, c.loss, c.normalise)
     opt_student.zero_grad(set_to_none=True)
     loss_gen.backward()
