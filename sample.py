@@ -123,7 +123,7 @@ def line_plot(series, title="", ylabel="", size=(520, 300), log_y=False):
     f = (lambda v: np.log10(v)) if log_y else (lambda v: v)
     x0, x1 = min(xs_all), max(xs_all) if max(xs_all) > min(xs_all) else min(xs_all) + 1
     y0, y1 = f(min(ys_all)), f(max(ys_all))
-    y0, y1 = y0 - 0.05 * (y1 - y0 + 1e-9), y1 + 0.05 * (y1 - y0 + 1e-9)
+    y0, y1 = y0 - 0.12 * (y1 - y0 + 1e-9), y1 + 0.12 * (y1 - y0 + 1e-9)
     px = lambda x, y: (m + (x - x0) / (x1 - x0) * (W - 2 * m), H - m - (f(y) - y0) / (y1 - y0) * (H - 2 * m))
     d.rectangle([m, m, W - m, H - m], outline="black")
     for i, (name, (xs, ys)) in enumerate(series.items()):
@@ -131,7 +131,7 @@ def line_plot(series, title="", ylabel="", size=(520, 300), log_y=False):
         pts = [px(x, y) for x, y in zip(xs, ys)]
         if len(pts) > 1:
             d.line(pts, fill=col, width=2)
-        d.text((m + 6, m + 4 + 12 * i), name.rstrip("*"), fill=col)
+        d.text((W - m - 110, H // 2 - 20 + 12 * i), name.rstrip("*"), fill=col)
     d.text((m, 6), title, fill="black")
     d.text((m, H - m + 6), f"{x0:g}", fill="black")
     d.text((W - m - 30, H - m + 6), f"{x1:g}", fill="black")
