@@ -16,7 +16,7 @@ import time
 import torch
 
 import tdm
-from models import LoRAView, PixArtConfig, add_lora, dit_from_config, pixart_xl_2_512_config
+from models import PixArtConfig, dit_from_config, pixart_xl_2_512_config, trainable_lora_views
 from teachers import PixArtTeacher
 
 
@@ -81,11 +81,7 @@ def setup(config, device, lora, dtype, batch):
     net = dit_from_config(config, device=device).to(dtype)
     teacher = PixArtTeacher.from_network(net)
     if lora:
-        add_lora(net, lora)
-        student, fake = LoRAView(net, "student"), LoRAView(net, "fake")
-        for p in list(student.adapter) + list(fake.adapter):
-            p.data = p.data.float()
-            p.requires_grad_(True)
+        student, fake = trainable_lora_views(net, lora)
         nets = [net]
     else:
         student, fake = (copy.deepcopy(net).float().requires_grad_(True) for _ in range(2))

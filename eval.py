@@ -19,7 +19,6 @@ import json
 import torch
 
 import sample
-import tdm
 
 
 #################################################################################
@@ -77,10 +76,8 @@ def metrics(x, ref, gmm):
 
 def teacher_samples(teacher, labels, n_steps, cfg=1.0, seed=1):
     """The teacher's N-step deterministic DDIM sampler (grid from t = 999, trailing spacing), with CFG."""
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((len(labels), *teacher.sample_shape), generator=g)
-    denoise = lambda x, t, c: tdm.cfg_denoise(teacher.denoise, x, t, c, teacher.uncond(len(c)), cfg)
-    return tdm.sample(denoise, x_T, labels, teacher.schedule, tdm.time_grid(n_steps, 999))
+    x_T = torch.randn((len(labels), *teacher.sample_shape), generator=torch.Generator().manual_seed(seed))
+    return sample.teacher_sample(teacher, x_T, labels, teacher.uncond(len(labels)), n_steps, cfg)
 
 
 def student_samples(teacher, net, labels, K, t_max=899, unify=False, seed=1):

@@ -627,6 +627,17 @@ class LoRAView(nn.Module):
         load_lora_state_dict(self.model, state_dict, self.name)
 
 
+def trainable_lora_views(model, rank, alpha=None, names=("student", "fake")):
+    """Add adapters `names` to `model` (base frozen) and return one LoRAView per name, adapters in fp32 and
+    trainable whatever the base precision: student and fake on one shared base, the teacher = adapters off."""
+    add_lora(model, rank, alpha, names=names)
+    views = [LoRAView(model, name) for name in names]
+    for p in (p for v in views for p in v.adapter):
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return views
+
+
 def lora_parameters(model, name):
     """The trainable tensors of adapter `name` (for its optimizer)."""
     return [p for m in lora_layers(model) if name in m.lora_A

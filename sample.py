@@ -52,6 +52,16 @@ def load_run(run_dir, teacher=None, device=None):
 
 
 @torch.no_grad()
+def teacher_sample(teacher, x_T, cond, uncond, n_steps, cfg=1.0, solver="ddim"):
+    """The teacher's N-step deterministic sampler with CFG (one batched call per step): DDIM on the trailing
+    grid from t = 999, or DPM-Solver++ 2M."""
+    denoise = lambda x, t, c: tdm.cfg_denoise(teacher.denoise, x, t, c, uncond, cfg)
+    if solver == "dpm":
+        return dpm_solver_pp(denoise, x_T, cond, teacher.schedule, n_steps)
+    return tdm.sample(denoise, x_T, cond, teacher.schedule, tdm.time_grid(n_steps, 999))
+
+
+@torch.no_grad()
 def student_sample(teacher, net, x_T, cond, K, t_max=899, unify=False):
     """The student's K-step deterministic sampler on its own grid, no CFG (K given as a condition under unify)."""
     Kc = torch.full((len(x_T),), K, device=x_T.device) if unify else None
@@ -209,15 +219,6 @@ def dpm_solver_pp(denoise, x_T, cond, schedule, n_steps, t_max=999, spacing="lin
     return x.to(x_T.dtype)
 
 
-def sample_teacher(teacher, prompts, n_steps=20, cfg=4.5, x_T=None, generator=None, **solver_kw):
-    """Teacher latents for prompts: DPM-Solver++ on teacher.denoise with CFG (one batched call per step)."""
-    cond, uncond = teacher.encode(prompts), teacher.uncond(len(prompts))
-    if x_T is None:
-        x_T = torch.randn((len(prompts), *teacher.sample_shape), generator=generator).to(teacher.device)
-    denoise = lambda x, t, c: tdm.cfg_denoise(teacher.denoise, x, t, c, uncond, cfg)
-    return dpm_solver_pp(denoise, x_T, cond, teacher.schedule, n_steps, **solver_kw)
-
-
 #################################################################################
 #                          Images                                               #
 #################################################################################
@@ -282,9 +283,7 @@ def main(argv=None):
         title = f"student {a.steps} step{'s' * (a.steps > 1)}"
     else:
         cfg = a.cfg if a.cfg is not None else (4.5 if a.teacher == "pixart" else 1.0)
-        denoise = lambda x, t, c: tdm.cfg_denoise(teacher.denoise, x, t, c, uncond, cfg)
-        x = (dpm_solver_pp(denoise, x_T, cond, teacher.schedule, a.steps) if a.solver == "dpm" else
-             tdm.sample(denoise, x_T, cond, teacher.schedule, tdm.time_grid(a.steps, 999)))
+        x = teacher_sample(teacher, x_T, cond, uncond, a.steps, cfg, a.solver)
         title = f"teacher {a.steps}-step {a.solver.upper()} cfg {cfg:g}"
     if isinstance(teacher, teachers.ToyTeacher):
         scatter_panel(x, labels, size=384, title=title).save(a.out)

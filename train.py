@@ -24,7 +24,7 @@ import eval as ev
 import sample
 import tdm
 import teachers
-from models import LoRAView, add_lora, read_state_dict, save_safetensors
+from models import read_state_dict, save_safetensors, trainable_lora_views
 
 # Defaults that differ between the toy and PixArt (official PixArt recipe: tdm-method.md Sec. 4.1, 6.1).
 DEFAULTS = dict(toy=dict(cfg=1.0, lr_fake=3e-4, batch=512, iters=2000, ema=0.995, save_every=1000),
@@ -87,6 +87,8 @@ def parse_args(argv=None):
     g.add_argument("--preview-every", type=int, default=50, help="pixart: iterations between 1- and 4-step previews")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint interval (toy 1000, pixart 500)")
     args = p.parse_args(argv)
+    if args.fake_updates < 1:
+        p.error("--fake-updates must be at least 1 (the fake score must follow the student)")
     kind = "pixart" if args.teacher == "pixart" else "toy"
     for k, v in DEFAULTS[kind].items():
         if getattr(args, k) is None:
@@ -159,12 +161,7 @@ def build_student_and_fake(teacher, args, unify):
         if unify:
             raise SystemExit("--unify with --lora is not supported: the step embedding would be a full layer; "
                              "use full fine-tuning for TDM-unify")
-        net = add_lora(teacher.network, args.lora, args.lora_alpha)      # freezes the base
-        student, fake = LoRAView(net, "student"), LoRAView(net, "fake")
-        for p in list(student.adapter) + list(fake.adapter):
-            p.data = p.data.float()                                      # adapters train in fp32 on a bf16 base
-            p.requires_grad_(True)
-        return student, fake
+        return trainable_lora_views(teacher.network, args.lora, args.lora_alpha)
     return teachers.copy_network(teacher.network, unify), teachers.copy_network(teacher.network, unify)
 
 

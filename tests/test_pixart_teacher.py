@@ -312,7 +312,8 @@ def test_sampling_matches_pixart_alpha_pipeline(teacher):
     """encode + uncond + CFG 4.5 + DPM-Solver++ 4 steps + decode == diffusers' PixArtAlphaPipeline on the folder."""
     prompts = PROMPTS[:2]
     x_T = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(7))
-    latents = S.sample_teacher(teacher, prompts, n_steps=4, cfg=4.5, x_T=x_T)
+    latents = S.teacher_sample(teacher, x_T, teacher.encode(prompts), teacher.uncond(len(prompts)), 4, cfg=4.5,
+                               solver="dpm")
     pipe = diffusers.PixArtAlphaPipeline.from_pretrained(teacher.folder)
     ref = pipe(prompts, negative_prompt="", num_inference_steps=4, guidance_scale=4.5, latents=x_T.clone(),
                output_type="latent", clean_caption=False, use_resolution_binning=False).images
