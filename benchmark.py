@@ -64,6 +64,30 @@ def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, c
     opt_student.step()
 
 
+def state_gib(nets):
+    """Weights + gradients + AdamW states of the distinct parameters of `nets`, in GiB (activations excluded).
+
+    Computed from the tensors' sizes and dtypes, so it works on the meta device: a trainable parameter adds a
+    gradient of its own dtype and two fp32 AdamW moments.
+    """
+    params = {id(p): p for n in nets for p in n.parameters()}.values()
+    total = sum(p.numel() * p.element_size() for p in params)
+    total += sum(p.numel() * (p.element_size() + 8) for p in params if p.requires_grad)
+    return total / 2 ** 30
+
+
+def memory_table(config, lora, dtype):
+    """Computed weights + grads + AdamW GiB of full fine-tuning (three copies) vs LoRA on one shared base."""
+    with torch.device("meta"):
+        net = dit_from_config(config).to(dtype).requires_grad_(False)
+        copies = [copy.deepcopy(net).float().requires_grad_(True) for _ in range(2)]
+        full = state_gib([net, *copies])
+        trainable_lora_views(net, lora)
+        shared = state_gib([net])
+    n = sum(p.numel() for p in copies[0].parameters())
+    return dict(params=n, full=full, lora=shared)
+
+
 class RowCounter:
     """Counts the rows (samples) and calls through the forward of some modules."""
     def __init__(self, modules):
@@ -119,7 +143,8 @@ def measure(step, args, config, device, lora, dtype):
     sync()
     sec = (time.perf_counter() - t0) / args.iters
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return dict(rows=counter.rows / args.iters / args.batch, calls=counter.calls / args.iters, sec=sec, peak=peak)
+    return dict(rows=counter.rows / args.iters / args.batch, calls=counter.calls / args.iters, sec=sec, peak=peak,
+                state=state_gib(nets))
 
 
 def main(argv=None):
@@ -131,7 +156,17 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--lora", type=int, default=64, help="rank for the LoRA-on-shared-base rows")
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="only the computed memory table of PixArt-XL-2 "
+                   "(meta device: no weights, no GPU, seconds)")
     args = p.parse_args(argv)
+    if args.memory_only:
+        m = memory_table(pixart_xl_2_512_config(), args.lora, torch.bfloat16)
+        print(f"PixArt-XL-2 ({m['params']:,} parameters), bf16 frozen weights, fp32 trainable weights, grads and "
+              f"AdamW states; computed, activations excluded:")
+        print(f"  full fine-tune (teacher + student + fake)   {m['full']:6.1f} GiB")
+        print(f"  LoRA rank {args.lora} on one shared base          {m['lora']:6.1f} GiB  "
+              f"({m['lora'] / m['full']:.2f}x full)")
+        return m
     device = torch.device(args.device)
     config = pixart_xl_2_512_config() if args.full_size else PixArtConfig(
         num_layers=4, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128, sample_size=16,
@@ -145,9 +180,10 @@ def main(argv=None):
         rows[name] = measure(step, args, config, device, lora, dtype)
     print(f"DiT: {config.num_layers} layers, hidden {config.hidden_size}, latent {config.sample_size}^2, "
           f"batch {args.batch}, K=4, cfg 4.5, device {device}")
-    print(f"{'':24s} {'rows/sample':>11s} {'calls':>6s} {'s/iter':>8s} {'peak GiB':>9s}")
+    print(f"{'':24s} {'rows/sample':>11s} {'calls':>6s} {'s/iter':>8s} {'peak GiB':>9s} {'state GiB':>10s}")
     for name, r in rows.items():
-        print(f"{name:24s} {r['rows']:11.2f} {r['calls']:6.1f} {r['sec']:8.3f} {r['peak']:9.2f}")
+        print(f"{name:24s} {r['rows']:11.2f} {r['calls']:6.1f} {r['sec']:8.3f} {r['peak']:9.2f} {r['state']:10.4f}")
+    print("(peak: measured, cuda only; state: weights + grads + AdamW states, computed from the tensors)")
     o, u = rows["official pattern, full"], rows["ours (tdm_step), full"]
     print(f"ours / official: forwards {u['rows'] / o['rows']:.2f}, seconds {u['sec'] / o['sec']:.2f}")
     return rows
