@@ -48,17 +48,32 @@ def mmd2(a, b, bandwidths=(0.05, 0.2, 1.0), n=2000):
             - 2 * kab.mean()).item()
 
 
+def _nearest_mode(x, gmm, radius=4.0):
+    """(component index, Mahalanobis distance to its mean, on-mode mask) of each sample; on = distance <= radius."""
+    comp = gmm.responsibilities(x).argmax(1)                            # (n,) nearest component
+    d = x.double().cpu() - gmm.means[comp]                              # (n, dim)
+    maha = (d[:, None, :] @ torch.linalg.solve(gmm.covs[comp], d[:, :, None])).flatten().sqrt()   # (n,)
+    return comp, maha, maha <= radius
+
+
 def mode_coverage_error(x, gmm, radius=4.0):
     """TV distance between the samples' mode histogram (with an off-mode bin) and the true mode weights."""
-    comp = gmm.responsibilities(x).argmax(1)                            # (n,) nearest component
-    d = x.double().cpu() - gmm.means[comp]
-    maha = (d[:, None, :] @ torch.linalg.solve(gmm.covs[comp], d[:, :, None])).flatten().sqrt()
-    on = maha <= radius
+    comp, _, on = _nearest_mode(x, gmm, radius)
     freq = torch.zeros(len(gmm.weights), dtype=torch.float64).index_add_(0, comp[on], torch.ones(int(on.sum()),
                                                                                           dtype=torch.float64))
     freq = freq / len(x)
     off = 1 - on.double().mean()
     return 0.5 * ((freq - gmm.weights).abs().sum() + off).item()
+
+
+def mode_width(x, ref, gmm, radius=4.0):
+    """Median Mahalanobis distance of the on-mode samples of x over that of ref: < 1 = modes narrower than ref's.
+
+    The median sees the cores of the modes, not their tails (reverse-KL students narrow the cores first).
+    NaN when no sample of x is on a mode (mode error 1).
+    """
+    (_, a, on_a), (_, b, on_b) = _nearest_mode(x, gmm, radius), _nearest_mode(ref, gmm, radius)
+    return (a[on_a].median() / b[on_b].median()).item() if on_a.any() else float("nan")
 
 
 def mean_loglik(x, gmm):
@@ -67,7 +82,8 @@ def mean_loglik(x, gmm):
 
 def metrics(x, ref, gmm):
     """All toy metrics of samples x against reference samples ref (same size) and the true mixture."""
-    return dict(sw2=sliced_w2(x, ref), mmd=mmd2(x, ref), mode=mode_coverage_error(x, gmm), ll=mean_loglik(x, gmm))
+    return dict(sw2=sliced_w2(x, ref), mmd=mmd2(x, ref), mode=mode_coverage_error(x, gmm),
+                width=mode_width(x, ref, gmm), ll=mean_loglik(x, gmm))
 
 
 #################################################################################
@@ -107,11 +123,11 @@ def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8,
 
 
 def format_table(rows):
-    lines = [f"{'':14s} {'sw2':>8s} {'mmd':>9s} {'mode':>7s} {'ll':>8s}"]
+    lines = [f"{'':14s} {'sw2':>8s} {'mmd':>9s} {'mode':>7s} {'width':>6s} {'ll':>8s}"]
     for name, m in rows.items():
         cell = lambda k, f: (f"{m[k]:{f}}" if k in m else "")
         lines.append(f"{name:14s} {cell('sw2', '8.4f'):>8s} {cell('mmd', '9.5f'):>9s} {cell('mode', '7.4f'):>7s} "
-                     f"{cell('ll', '8.3f'):>8s}")
+                     f"{cell('width', '6.3f'):>6s} {cell('ll', '8.3f'):>8s}")
     return "\n".join(lines)
 
 

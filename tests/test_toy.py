@@ -654,7 +654,8 @@ def test_cli_smoke(fast_toy_teacher, tmp_path, monkeypatch):
         got = json.load(fh)
     assert set(got["rows"]) == {"noise floor", "ground truth", "teacher 4", "student 1", "student 4"}
     assert got["n"] == 500 and got["target"] == "ring"
-    assert all(math.isfinite(v) for row in got["rows"].values() for v in row.values())
+    assert all(math.isfinite(v) for row in got["rows"].values() for k, v in row.items()
+               if not (k == "width" and row["mode"] == 1.0))       # no sample on a mode: width undefined (NaN)
 
 
 #################################################################################
@@ -706,3 +707,19 @@ def test_bad_inputs_raise_clear_errors(fast_toy_teacher, tmp_path):
         train.main(["--resume", str(empty), "--iters", "2"])
     with pytest.raises(FileNotFoundError, match="student.safetensors"):
         sample.load_run(str(empty))
+
+
+def test_mode_metrics_on_known_samples():
+    """Ground truth: mode error at the multinomial noise level, width 1; cores shrunk by 1/2: width 1/2;
+    everything on one mode: error 1 - its weight, exactly. SE of the width ratio ~ 1.0 / sqrt(n) (Rayleigh median)."""
+    gmm = teachers.ring_target()
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    x, _ = gmm.sample(n, generator=g)
+    ref, _ = gmm.sample(n, generator=g)
+    assert ev.mode_coverage_error(x, gmm) < 0.02                    # E ~ 0.0075 for 8 modes at n = 20,000
+    tol = 4 * 1.0 / n ** 0.5
+    assert ev.mode_width(x, ref, gmm) == pytest.approx(1.0, abs=tol)
+    mu = gmm.means[gmm.responsibilities(x).argmax(1)].float()
+    assert ev.mode_width(mu + 0.5 * (x - mu), ref, gmm) == pytest.approx(0.5, abs=tol)
+    assert ev.mode_coverage_error(gmm.means[:1].float().expand(n, -1), gmm) == pytest.approx(1 - gmm.weights[0].item())
