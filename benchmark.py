@@ -2,6 +2,8 @@
 
     python benchmark.py                       # small random DiT on CPU (seconds)
     python benchmark.py --full-size --device cuda   # PixArt-XL-2 512 random weights on a GPU, with peak memory
+    python benchmark.py --cpu-rss                   # measured CPU peak memory, full vs LoRA (52.8M-param DiT)
+    python benchmark.py --memory-only               # computed weights+grads+AdamW of PixArt-XL-2 (meta device)
 
 The official pattern (train_tdm_demo.py, tdm-method.md Sec. 4.2) rolls out all K steps, recomputes the
 student prediction in the fake phase, calls the teacher there without using the result, and runs the
@@ -11,6 +13,10 @@ same networks in one run; ratios are what to read. Forwards are counted in netwo
 import argparse
 import contextlib
 import copy
+import json
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -147,6 +153,28 @@ def measure(step, args, config, device, lora, dtype):
                 state=state_gib(nets))
 
 
+PATTERNS = [("official pattern, full", official_step, 0), ("ours (tdm_step), full", tdm.tdm_step, 0),
+            ("ours (tdm_step), LoRA", tdm.tdm_step, 1)]
+RSS_CONFIG = PixArtConfig(num_layers=12, num_attention_heads=8, attention_head_dim=64, cross_attention_dim=512,
+                          sample_size=8, caption_channels=256)
+
+
+def cpu_rss_table(args):
+    """Peak resident memory of each pattern, each in a fresh process (CPU fp32; weights and AdamW dominate)."""
+    out = {}
+    for i, (name, _, _) in enumerate(PATTERNS):
+        cmd = [sys.executable, __file__, "--device", "cpu", "--row", str(i), "--batch", "1", "--iters", "1",
+               "--warmup", "0", "--lora", str(args.lora), "--rss-config"]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        out[name] = (r["rss"] - r["rss0"]) / 2 ** 20                     # KiB -> GiB
+    n = sum(p.numel() for p in dit_from_config(RSS_CONFIG).parameters())
+    print(f"DiT: 12 layers, hidden 512, {n:,} parameters, fp32 on CPU; peak RSS above the bare process, measured:")
+    full = out["ours (tdm_step), full"]
+    for name, gib in out.items():
+        print(f"  {name:24s} {gib:6.2f} GiB  ({gib / full:.2f}x ours full)")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--full-size", action="store_true", help="PixArt-XL-2 512 config (random weights; needs a GPU)")
@@ -158,7 +186,13 @@ def main(argv=None):
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the computed memory table of PixArt-XL-2 "
                    "(meta device: no weights, no GPU, seconds)")
+    p.add_argument("--cpu-rss", action="store_true", help="measured CPU peak memory: each pattern in its own "
+                   "process on a 55M-parameter DiT (12 layers, hidden 512), peak RSS above the bare process's")
+    p.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)   # internal: one row, print JSON
+    p.add_argument("--rss-config", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cpu_rss:
+        return cpu_rss_table(args)
     if args.memory_only:
         m = memory_table(pixart_xl_2_512_config(), args.lora, torch.bfloat16)
         print(f"PixArt-XL-2 ({m['params']:,} parameters), bf16 frozen weights, fp32 trainable weights, grads and "
@@ -168,16 +202,21 @@ def main(argv=None):
               f"({m['lora'] / m['full']:.2f}x full)")
         return m
     device = torch.device(args.device)
-    config = pixart_xl_2_512_config() if args.full_size else PixArtConfig(
+    config = pixart_xl_2_512_config() if args.full_size else RSS_CONFIG if args.rss_config else PixArtConfig(
         num_layers=4, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128, sample_size=16,
         caption_channels=64)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     rows = {}
-    for name, step, lora in [("official pattern, full", official_step, 0), ("ours (tdm_step), full", tdm.tdm_step, 0),
-                             ("ours (tdm_step), LoRA", tdm.tdm_step, args.lora)]:
+    for i, (name, step, lora) in enumerate(PATTERNS):
+        if args.row is not None and args.row != i:
+            continue
         torch.manual_seed(0)
-        rows[name] = measure(step, args, config, device, lora, dtype)
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux: the bare process
+        rows[name] = measure(step, args, config, device, lora and args.lora, dtype)
+        if args.row is not None:
+            print(json.dumps(dict(rows[name], rss0=rss0, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+            return rows
     print(f"DiT: {config.num_layers} layers, hidden {config.hidden_size}, latent {config.sample_size}^2, "
           f"batch {args.batch}, K=4, cfg 4.5, device {device}")
     print(f"{'':24s} {'rows/sample':>11s} {'calls':>6s} {'s/iter':>8s} {'peak GiB':>9s} {'state GiB':>10s}")
