@@ -15,6 +15,7 @@ With cfg > 1 the reference for sw2 and mmd is the teacher's 100-step CFG sampler
 """
 import argparse
 import json
+import os
 
 import torch
 
@@ -56,9 +57,9 @@ def _nearest_mode(x, gmm, radius=4.0):
     return comp, maha, maha <= radius
 
 
-def mode_coverage_error(x, gmm, radius=4.0):
+def mode_coverage_error(x, gmm, radius=4.0, nearest=None):
     """TV distance between the samples' mode histogram (with an off-mode bin) and the true mode weights."""
-    comp, _, on = _nearest_mode(x, gmm, radius)
+    comp, _, on = nearest or _nearest_mode(x, gmm, radius)
     freq = torch.zeros(len(gmm.weights), dtype=torch.float64).index_add_(0, comp[on], torch.ones(int(on.sum()),
                                                                                           dtype=torch.float64))
     freq = freq / len(x)
@@ -66,24 +67,29 @@ def mode_coverage_error(x, gmm, radius=4.0):
     return 0.5 * ((freq - gmm.weights).abs().sum() + off).item()
 
 
-def mode_width(x, ref, gmm, radius=4.0):
-    """Median Mahalanobis distance of the on-mode samples of x over that of ref: < 1 = modes narrower than ref's.
+def median_radius(x, gmm, radius=4.0, nearest=None):
+    """Median Mahalanobis distance of the on-mode samples to their mode (NaN when none is on a mode)."""
+    _, maha, on = nearest or _nearest_mode(x, gmm, radius)
+    return maha[on].median().item() if on.any() else float("nan")
 
-    The median sees the cores of the modes, not their tails (reverse-KL students narrow the cores first).
-    NaN when no sample of x is on a mode (mode error 1).
-    """
-    (_, a, on_a), (_, b, on_b) = _nearest_mode(x, gmm, radius), _nearest_mode(ref, gmm, radius)
-    return (a[on_a].median() / b[on_b].median()).item() if on_a.any() else float("nan")
+
+def mode_width(x, ref, gmm, radius=4.0):
+    """median_radius(x) / median_radius(ref): < 1 = modes narrower than the reference's. The median sees the
+    cores of the modes, not their tails (reverse-KL students narrow the cores first)."""
+    return median_radius(x, gmm, radius) / median_radius(ref, gmm, radius)
 
 
 def mean_loglik(x, gmm):
     return gmm.log_prob(x).mean().item()
 
 
-def metrics(x, ref, gmm):
-    """All toy metrics of samples x against reference samples ref (same size) and the true mixture."""
-    return dict(sw2=sliced_w2(x, ref), mmd=mmd2(x, ref), mode=mode_coverage_error(x, gmm),
-                width=mode_width(x, ref, gmm), ll=mean_loglik(x, gmm))
+def metrics(x, ref, gmm, ref_radius=None):
+    """All toy metrics of samples x against reference samples ref (same size) and the true mixture
+    (ref_radius: median_radius(ref), when the caller has it already)."""
+    nearest = _nearest_mode(x, gmm)
+    ref_radius = ref_radius if ref_radius is not None else median_radius(ref, gmm)
+    return dict(sw2=sliced_w2(x, ref), mmd=mmd2(x, ref), mode=mode_coverage_error(x, gmm, nearest=nearest),
+                width=median_radius(x, gmm, nearest=nearest) / ref_radius, ll=mean_loglik(x, gmm))
 
 
 #################################################################################
@@ -115,10 +121,11 @@ def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8,
     else:   # guidance sharpens the target: the reference is the teacher's own 100-step CFG sampler
         ref = teacher_samples(teacher, labels, 100, cfg, seed=seed + 7)
         rows["noise floor"] = metrics(teacher_samples(teacher, labels, 100, cfg, seed=seed + 8), ref, teacher.gmm)
+    r = median_radius(ref, teacher.gmm)
     for N in teacher_steps:
-        rows[f"teacher {N}"] = metrics(teacher_samples(teacher, labels, N, cfg), ref, teacher.gmm)
+        rows[f"teacher {N}"] = metrics(teacher_samples(teacher, labels, N, cfg), ref, teacher.gmm, r)
     for K in student_steps if student is not None else ():
-        rows[f"student {K}"] = metrics(student_samples(teacher, student, labels, K, t_max, unify), ref, teacher.gmm)
+        rows[f"student {K}"] = metrics(student_samples(teacher, student, labels, K, t_max, unify), ref, teacher.gmm, r)
     return rows
 
 
@@ -144,6 +151,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     student, meta = (None, {})
     if a.run:
+        sidecar = os.path.join(a.run, "student.json")
+        if os.path.exists(sidecar):
+            with open(sidecar) as f:
+                if json.load(f).get("teacher") == "pixart":
+                    raise SystemExit(f"{a.run!r} is a PixArt run: eval.py computes the exact toy metrics only; "
+                                     "look at its previews/ or sample it with sample.py --student")
         teacher, student, meta = sample.load_run(a.run, teacher=a.teacher)
     else:
         import teachers

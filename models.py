@@ -459,6 +459,8 @@ class PixArtDiT(nn.Module):
         encoder_attention_mask: (B, L) tokenizer mask (1 keep, 0 pad);
         added_cond_kwargs (1024-MS only): {'resolution': (B, 2) pixel height/width, 'aspect_ratio': (B, 1)}."""
         c, (B, _, H, W) = self.config, x.shape
+        dtype = self.proj_out.weight.dtype                        # run in the weights' precision (bf16 base + LoRA)
+        x, encoder_hidden_states = x.to(dtype), encoder_hidden_states.to(dtype)
         p = c.patch_size
         if H % p or W % p:
             raise ValueError(f"latent size {H}x{W} must be divisible by patch_size={p}")
@@ -543,7 +545,9 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.active is None:
             return y
-        return y + self.lora_B[self.active](self.lora_A[self.active](x)) * self.scaling[self.active]
+        A, B = self.lora_A[self.active], self.lora_B[self.active]
+        delta = B(A(x.to(A.weight.dtype))) * self.scaling[self.active]   # adapters may be fp32 on a bf16 base
+        return y + delta.to(y.dtype)
 
 
 def lora_layers(model):

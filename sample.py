@@ -4,7 +4,6 @@
     python sample.py --student runs/toy --steps 1 --out student1.png
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from PIL import Image, ImageDraw
 
 import tdm
 import teachers
-from models import LoRAView, add_lora, load_exact, read_state_dict, toy_mlp
+from models import load_exact, read_state_dict, toy_mlp, trainable_lora_views
 
 
 #################################################################################
@@ -40,13 +39,12 @@ def load_run(run_dir, teacher=None, device=None):
         net = toy_mlp(**meta["network"])
         net.load_state_dict(state)
         return t, net.eval().requires_grad_(False), meta
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t = teachers.load_teacher("pixart", meta["weights"], device=device, log=None)
-    if meta.get("lora"):
-        net = LoRAView(add_lora(t.network, meta["lora"], meta["lora_alpha"], names=("student",)), "student")
-        net.load_state_dict({k: v.to(device) for k, v in state.items()})
+    if meta.get("lora"):   # the adapter as trained: fp32 on the teacher's own base
+        net = trainable_lora_views(t.network, meta["lora"], meta["lora_alpha"], names=("student",))[0]
+        net.load_state_dict(state)
     else:
-        net = copy.deepcopy(t.network)
+        net = teachers.copy_network(t.network)
         load_exact(net, state, f"student weights {weights!r}")
     return t, net.eval().requires_grad_(False), meta
 
@@ -61,12 +59,17 @@ def teacher_sample(teacher, x_T, cond, uncond, n_steps, cfg=1.0, solver="ddim"):
     return tdm.sample(denoise, x_T, cond, teacher.schedule, tdm.time_grid(n_steps, 999))
 
 
+def student_denoiser(teacher, net, K, unify=False):
+    """(x_t, t, cond) -> x0_hat of a student network; under TDM-unify the step count K is its condition."""
+    if not unify:
+        return lambda x, t, c: teacher.x0(net, x, t, c, None)
+    return lambda x, t, c: teacher.x0(net, x, t, c, torch.full((len(x),), K, device=x.device))
+
+
 @torch.no_grad()
 def student_sample(teacher, net, x_T, cond, K, t_max=899, unify=False):
     """The student's K-step deterministic sampler on its own grid, no CFG (K given as a condition under unify)."""
-    Kc = torch.full((len(x_T),), K, device=x_T.device) if unify else None
-    denoise = lambda x, t, c: teacher.x0(net, x, t, c, None if Kc is None else Kc[:len(x)])
-    return tdm.sample(denoise, x_T, cond, teacher.schedule, tdm.time_grid(K, t_max))
+    return tdm.sample(student_denoiser(teacher, net, K, unify), x_T, cond, teacher.schedule, tdm.time_grid(K, t_max))
 
 
 #################################################################################

@@ -337,12 +337,16 @@ class PixArtTeacher:
     and freed after encoding (unless keep_t5); the VAE is loaded at the first decode.
     """
 
-    def __init__(self, folder, device="cpu", dtype=torch.float32, resolution=None, t5_dtype=None, vae_dtype=None,
+    def __init__(self, folder, device=None, dtype=None, resolution=None, t5_dtype=None, vae_dtype=None,
                  check_scheduler=True, keep_t5=False, t5_batch=8, log=print):
+        """device: default cuda when available; dtype of the DiT (and T5/VAE unless given): default bf16 on GPU,
+        fp32 on CPU."""
         folder = os.fspath(folder)
         check_layout(folder)
         check_scheduler_config(folder, strict=check_scheduler)
-        self.folder, self.device, self.dtype = folder, torch.device(device), dtype
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.folder, self.device, self.dtype = folder, device, dtype
         self.t5_dtype, self.vae_dtype = t5_dtype or dtype, vae_dtype or dtype
         self.keep_t5, self.t5_batch, self.log = keep_t5, t5_batch, log or (lambda *a: None)
         with open(os.path.join(folder, "vae", "config.json")) as f:
@@ -352,17 +356,24 @@ class PixArtTeacher:
                            2 ** (len(vae_cfg.get("block_out_channels", (128, 256, 512, 512))) - 1), resolution)
         self.cache_folder = os.path.join(cache_dir(), "pixart_t5", self._t5_identity())
         self._t5 = self._vae = self._uncond = None
+        self._rows = {}                                 # text -> its T5 rows, read once from the disk cache
 
     @classmethod
     def from_network(cls, network, vae_factor=8, resolution=None):
         """A teacher around an in-memory DiT, without a folder (no prompt encoding or decoding): benchmarks, tests."""
         self = cls.__new__(cls)
-        self.device = next(network.parameters()).device
-        self._init_network(network.requires_grad_(False), vae_factor, resolution)
+        self.device, self.folder = next(network.parameters()).device, None
+        self._init_network(network, vae_factor, resolution)
         return self
 
+    def _need_folder(self, what):
+        if self.folder is None:
+            raise ValueError(f"{what} needs the model folder (T5, VAE); this teacher was built from a network alone "
+                             "(PixArtTeacher.from_network): load it with load_teacher('pixart', DIR)")
+
     def _init_network(self, network, vae_factor, resolution):
-        self.schedule = tdm.Schedule("linear", 1e-4, 0.02)   # hard-coded, as the official code (§2.1)
+        self.schedule = tdm.Schedule(PIXART_SCHEDULE["beta_schedule"], PIXART_SCHEDULE["beta_start"],
+                                     PIXART_SCHEDULE["beta_end"], PIXART_SCHEDULE["num_train_timesteps"])
         self.network, self.vae_factor = network.requires_grad_(False), vae_factor
         cfg = network.config
         self.micro_conditions = cfg.use_additional_conditions          # 1024-MS: resolution / aspect ratio
@@ -372,7 +383,6 @@ class PixArtTeacher:
         if h % unit or w % unit:
             raise ValueError(f"resolution {h}x{w} must be a multiple of {unit} (VAE factor {vae_factor} x "
                              f"patch size {cfg.patch_size})")
-        self.resolution = (h, w)
         self.sample_shape = (cfg.in_channels, h // vae_factor, w // vae_factor)
 
     # ---------------------------------------------------------------- denoising
@@ -395,8 +405,7 @@ class PixArtTeacher:
             raise ValueError("step-count conditioning (TDM-unify, K) is not implemented for the PixArt DiT; "
                              "train PixArt students with a fixed K")
         emb, mask = cond
-        dtype = next(getattr(net, "model", net).parameters()).dtype   # the base network's precision (bf16 on GPU)
-        out = net(x_t.to(dtype), t, emb.to(dtype), mask, self._added_cond_kwargs(x_t))
+        out = net(x_t, t, emb, mask, self._added_cond_kwargs(x_t))     # the DiT casts inputs to its own dtype
         eps = out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x_t.shape[1] else out                  # (B, 4, H, W)
         a = self.schedule.alpha(t).reshape(-1, 1, 1, 1)
         s = self.schedule.sigma(t).reshape(-1, 1, 1, 1)
@@ -454,6 +463,25 @@ class PixArtTeacher:
             raise ValueError(f"cache collision: {path!r} holds {stored!r}, not {text!r}; delete it to re-encode")
         return emb
 
+    def prepare(self, prompts):
+        """Make sure every prompt and the empty prompt (CFG) are in the disk cache and read into memory, running
+        T5 at most once for all of them; returns the preprocessed texts."""
+        self._need_folder("prompt encoding")
+        texts = [preprocess(p) for p in prompts]
+        todo = [t for t in dict.fromkeys(texts + [""]) if t not in self._rows and not os.path.exists(self._cache_path(t))]
+        if todo:
+            self.log(f"encoding {len(todo)} new prompt(s) with T5")
+            for i in range(0, len(todo), self.t5_batch):
+                chunk = todo[i:i + self.t5_batch]
+                for text, emb in zip(chunk, self._run_t5(chunk)):
+                    save_safetensors({"embeds": emb}, self._cache_path(text), {"prompt": text})
+            if not self.keep_t5:
+                self.free_t5()
+        for t in texts:
+            if t not in self._rows:
+                self._rows[t] = self._read(self._cache_path(t), t)
+        return texts
+
     def encode(self, prompts):
         """Prompts (str or list) -> (prompt_embeds (B, 120, d) in `dtype`, attention_mask (B, 120) long) on `device`.
 
@@ -464,17 +492,8 @@ class PixArtTeacher:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode() needs at least one prompt")
-        texts = [preprocess(p) for p in prompts]
-        todo = [t for t in dict.fromkeys(texts) if not os.path.exists(self._cache_path(t))]   # unique, in order
-        if todo:
-            self.log(f"encoding {len(todo)} new prompt(s) with T5")
-            for i in range(0, len(todo), self.t5_batch):
-                chunk = todo[i:i + self.t5_batch]
-                for text, emb in zip(chunk, self._run_t5(chunk)):
-                    save_safetensors({"embeds": emb}, self._cache_path(text), {"prompt": text})
-            if not self.keep_t5:
-                self.free_t5()
-        rows = [self._read(self._cache_path(t), t) for t in texts]
+        texts = self.prepare(prompts)
+        rows = [self._rows[t] for t in texts]
         embeds = torch.zeros(len(rows), MAX_LENGTH, rows[0].shape[1], dtype=self.dtype)     # padded rows: zeros
         mask = torch.zeros(len(rows), MAX_LENGTH, dtype=torch.long)
         for b, row in enumerate(rows):
@@ -491,6 +510,7 @@ class PixArtTeacher:
     # ---------------------------------------------------------------- images
 
     def _load_vae(self):
+        self._need_folder("decoding")
         if self._vae is None:
             self._vae = load_vae(self.folder, dtype=self.vae_dtype).to(self.device)
         return self._vae
@@ -505,11 +525,9 @@ class PixArtTeacher:
         return torch.cat(out)
 
 
-def load_pixart_teacher(weights, device="cpu", dtype=None, **kw):
-    """PixArt-α teacher from a diffusers pipeline folder; dtype defaults to bf16 on GPU, fp32 on CPU."""
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return PixArtTeacher(weights, device=device, dtype=dtype, **kw)
+def load_pixart_teacher(weights, **kw):
+    """PixArt-α teacher from a diffusers pipeline folder (device, dtype defaults: see PixArtTeacher)."""
+    return PixArtTeacher(weights, **kw)
 
 
 def load_teacher(name, weights=None, **kw):

@@ -90,6 +90,10 @@ def parse_args(argv=None):
     if args.fake_updates < 1:
         p.error("--fake-updates must be at least 1 (the fake score must follow the student)")
     kind = "pixart" if args.teacher == "pixart" else "toy"
+    if args.unify and kind == "pixart":
+        p.error("--unify is toy-only for now: the PixArt DiT has no step-count embedding; train a fixed --steps K")
+    if args.lora and kind == "toy":
+        p.error("--lora is for --teacher pixart (the toy MLP is fine-tuned in full)")
     for k, v in DEFAULTS[kind].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -158,9 +162,6 @@ def build_student_and_fake(teacher, args, unify):
     the teacher's own frozen base (`--lora`). Under TDM-unify both get a zero-initialised step embedding, so at
     iteration 0 student = fake = teacher either way."""
     if args.lora:
-        if unify:
-            raise SystemExit("--unify with --lora is not supported: the step embedding would be a full layer; "
-                             "use full fine-tuning for TDM-unify")
         return trainable_lora_views(teacher.network, args.lora, args.lora_alpha)
     return teachers.copy_network(teacher.network, unify), teachers.copy_network(teacher.network, unify)
 
@@ -208,16 +209,16 @@ def main(argv=None):
         prompts = teachers.read_prompts(args.prompts)
         teacher = teachers.load_teacher("pixart", args.weights, device=device,
                                         dtype=torch.bfloat16 if bf16 and args.lora else torch.float32, log=tqdm.write)
-        teacher.encode(prompts)                 # T5 once per prompt, cached on disk; freed afterwards
+        teacher.prepare(prompts)                # T5 once per prompt (and ""), cached on disk and in memory
         if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
             teacher.network.gradient_checkpointing = True
     student, fake = build_student_and_fake(teacher, args, unify)
     ema = {k: v.detach().clone() for k, v in student.state_dict().items()} if args.ema > 0 else None
     betas = (args.beta1, args.beta2)
     lr_student = args.lr_fake / args.lr_ratio
-    opt_student = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr_student,
+    opt_student = torch.optim.AdamW(student.parameters(), lr=lr_student,
                                     betas=betas, weight_decay=args.weight_decay)
-    opt_fake = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=args.lr_fake, betas=betas,
+    opt_fake = torch.optim.AdamW(fake.parameters(), lr=args.lr_fake, betas=betas,
                                  weight_decay=args.weight_decay)
     config = tdm.TDMConfig(K=args.steps, t_max=args.t_max, unify=unify, cfg=args.cfg,
                            separate=not args.shared_interval, randmid=args.randmid,
@@ -231,6 +232,7 @@ def main(argv=None):
         opt_student.load_state_dict(resume_state["opt_student"])
         opt_fake.load_state_dict(resume_state["opt_fake"])
         ema = resume_state.get("ema")
+        ema = None if ema is None else {k: v.to(device) for k, v in ema.items()}
         torch.set_rng_state(resume_state["rng"])
         if device.type == "cuda" and "cuda_rng" in resume_state:
             torch.cuda.set_rng_state(resume_state["cuda_rng"])
@@ -244,7 +246,7 @@ def main(argv=None):
 
     x0_of = lambda net: (lambda x, t, c, K: teacher.x0(net, x, t, c, K))      # network -> x0 denoiser
     meta = lambda it: dict(teacher=args.teacher, target=args.toy_target, weights=args.weights,
-                           network=getattr(student, "config", None) if toy else None, lora=args.lora,
+                           network=student.config if toy else None, lora=args.lora,
                            lora_alpha=args.lora_alpha or args.lora, t_max=args.t_max, K=args.steps,
                            unify=list(unify), grid=tdm.time_grid(args.steps, args.t_max), cfg=args.cfg,
                            iteration=it, args=vars(args), tdm=asdict(config))
@@ -259,13 +261,13 @@ def main(argv=None):
         return s
 
     if toy:
-        log_curve = toy_curve_logger(teacher, student, lambda: ema, args, unify, run_dir)
+        log_curve = toy_curve_logger(teacher, student, ema, args, unify, run_dir)
         if start == 0:
             open(os.path.join(run_dir, "metrics.jsonl"), "w").close()
             if args.eval_every:
                 log_curve(0)
     else:
-        preview = pixart_previewer(teacher, student, lambda: ema, prompts, args, run_dir)
+        preview = pixart_previewer(teacher, student, ema, prompts, args, run_dir)
 
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
         else contextlib.nullcontext
@@ -299,7 +301,7 @@ def main(argv=None):
 
     if toy:
         toy_report(teacher, student, ema, args, unify, run_dir, train_time)
-    else:
+    elif args.preview_every and args.iters % args.preview_every:     # the loop has not drawn the last one
         preview(args.iters)
     print(f"wrote {run_dir}/; training took {train_time:.0f} s ({train_time / max(1, args.iters - start):.3f} s/iter)")
     return run_dir
@@ -309,7 +311,7 @@ def main(argv=None):
 #                          Toy: metric curve, figure, final metrics            #
 #################################################################################
 
-def toy_curve_logger(teacher, student, get_ema, args, unify, run_dir):
+def toy_curve_logger(teacher, student, ema, args, unify, run_dir):
     """A function it -> row that appends the student's SW2 / mode error at each K (fixed labels and noise) to
     metrics.jsonl; row 0 also holds the teacher's 4- and 100-step SW2 on the same reference."""
     labels = teacher.sample_labels(args.eval_n, torch.Generator().manual_seed(123))
@@ -321,7 +323,7 @@ def toy_curve_logger(teacher, student, get_ema, args, unify, run_dir):
         if it == 0:
             for N in (4, 100):
                 row[f"teacher_sw2_{N}"] = ev.sliced_w2(ev.teacher_samples(teacher, labels, N, args.cfg), ref)
-        with weights_swapped(student, get_ema()) as net:
+        with weights_swapped(student, ema) as net:
             for K in (unify or (args.steps,)):
                 x = ev.student_samples(teacher, net, labels, K, args.t_max, bool(unify))
                 row[f"sw2_{K}"] = ev.sliced_w2(x, ref)
@@ -370,8 +372,7 @@ def figure(teacher, net, args, unify, n=20000):
         x = ev.student_samples(teacher, net, labels, K, args.t_max, bool(unify))
         panels.append(sample.scatter_panel(x, labels, title=f"TDM student {K} step{'s' * (K > 1)}"))
     K = args.steps if not unify else max(unify)
-    Kc = torch.full((n,), K) if unify else None
-    xs, x0s, _ = tdm.rollout(lambda x, t, c: teacher.x0(net, x, t, c, None if Kc is None else Kc[:len(x)]),
+    xs, x0s, _ = tdm.rollout(sample.student_denoiser(teacher, net, K, bool(unify)),
                              torch.randn(n, 2, generator=torch.Generator().manual_seed(9)), labels,
                              teacher.schedule, tdm.time_grid(K, args.t_max))
     panels.append(sample.trajectory_panel(xs + [x0s[-1]], labels, title=f"student trajectory ({K} steps)"))
@@ -382,17 +383,18 @@ def figure(teacher, net, args, unify, n=20000):
 #                          PixArt: previews                                     #
 #################################################################################
 
-def pixart_previewer(teacher, student, get_ema, prompts, args, run_dir, n=4):
+def pixart_previewer(teacher, student, ema, prompts, args, run_dir, n=4):
     """A function it -> None saving previews/<it>.png: the first n prompts at 1 step (top) and K steps (bottom),
     fixed noise, no CFG (as the official code's 1- and 4-step previews)."""
     os.makedirs(os.path.join(run_dir, "previews"), exist_ok=True)
     fixed = prompts[:n]
+    n = len(fixed)
     x_T = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(args.seed)).to(teacher.device)
+    cond = teacher.encode(fixed)
 
     @torch.no_grad()
     def preview(it):
-        cond = teacher.encode(fixed)
-        with weights_swapped(student, get_ema()) as net:
+        with weights_swapped(student, ema) as net:
             rows = [sample.student_sample(teacher, net, x_T, cond, K, args.t_max) for K in (1, args.steps)]
         images = teacher.decode(torch.cat(rows))
         sample.image_grid(images, cols=n).save(os.path.join(run_dir, "previews", f"{it:06d}.png"))

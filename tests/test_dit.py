@@ -303,6 +303,24 @@ def test_gradient_checkpointing_uses_the_adapter_of_the_forward(lora_model):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def test_fp32_adapter_on_bf16_base_runs_without_autocast():
+    """Student/fake adapters are fp32 on a bf16 base (trainable_lora_views); previews and sampling run outside
+    autocast, so the layer casts itself. Result = the fp32 computation up to bf16 rounding (2^-8 relative)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    layer = W.LoRALinear(base)
+    layer.add_adapter("student", rank=4, alpha=4)
+    for p in (layer.lora_A["student"].weight, layer.lora_B["student"].weight):
+        p.data = torch.randn(p.shape, generator=g).float()
+    layer.set_active("student")
+    x = torch.randn(3, 16, generator=g).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    A, B = layer.lora_A["student"].weight, layer.lora_B["student"].weight
+    ref = torch.nn.functional.linear(x.float(), base.weight.float(), base.bias.float()) + x.float() @ A.T @ B.T
+    assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())
+
+
 #################################################################################
 #                          Bad inputs                                           #
 #################################################################################
@@ -367,3 +385,4 @@ def test_unknown_layout(tmp_path):
 def test_unsupported_config_values(change, words):
     with pytest.raises(ValueError, match=words):
         W.PixArtConfig.from_dict({**hf_config(64), **change})
+

@@ -136,9 +136,11 @@ def test_encode_caches_per_prompt_and_runs_t5_once(folders, tmp_path, monkeypatc
     first = P.load_pixart_teacher(folders["512"], log=None)
     assert first.cache_folder.startswith(str(tmp_path / "cache")) and not loads       # lazy: no T5 yet
     a = first.encode(PROMPTS[:2] + [PROMPTS[0]])                                      # a duplicate
-    assert len(loads) == 1 and runs == [[p.lower().strip() for p in PROMPTS[:2]]]
+    assert len(loads) == 1 and runs == [[p.lower().strip() for p in PROMPTS[:2]] + [""]]   # "" for CFG, same run
     assert first._t5 is None                                                          # freed after encoding
-    assert len([f for f in os.listdir(first.cache_folder) if f.endswith(".safetensors")]) == 2
+    assert len([f for f in os.listdir(first.cache_folder) if f.endswith(".safetensors")]) == 3
+    first.uncond(2)
+    assert len(loads) == 1                                                            # no second T5 load
     assert not [f for f in os.listdir(first.cache_folder) if f.endswith(".tmp")]
     assert torch.equal(a[0][0], a[0][2]) and a[0].shape == (3, 120, 32) and a[1].dtype == torch.long
 
@@ -150,7 +152,7 @@ def test_encode_caches_per_prompt_and_runs_t5_once(folders, tmp_path, monkeypatc
     c = second.encode(PROMPTS[:2] + ["a bowl of fruit", "snow castle"])              # only the new ones run T5
     assert len(loads) == 1 and runs == [["a bowl of fruit", "snow castle"]]
     assert torch.equal(c[0][:2], a[0][:2])
-    assert len(os.listdir(second.cache_folder)) == 4
+    assert len(os.listdir(second.cache_folder)) == 5
     # another T5 (different files) gets its own cache folder
     other = tmp_path / "other"
     shutil.copytree(folders["512"], other)
