@@ -12,7 +12,6 @@ same networks in one run; ratios are what to read. Forwards are counted in netwo
 """
 import argparse
 import contextlib
-import copy
 import json
 import resource
 import subprocess
@@ -23,7 +22,7 @@ import torch
 
 import tdm
 from models import PixArtConfig, dit_from_config, pixart_xl_2_512_config, trainable_lora_views
-from teachers import PixArtTeacher
+from teachers import PixArtTeacher, copy_network
 
 
 def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config):
@@ -35,11 +34,10 @@ def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, c
     stu = lambda x, t, cnd: student(x, t, cnd, None)
     x_T = torch.randn((B, *teacher.sample_shape), device=cond[0].device)
     xs, _, _ = tdm.rollout(stu, x_T, cond, sch, grid)                        # all K steps, always
-    pick = lambda k: (torch.tensor(grid, device=k.device)[k], torch.tensor(t_next, device=k.device)[k])
     # fake phase: recompute the student's prediction, plus a teacher call whose result is never used
     k = torch.randint(c.K, (B,), device=x_T.device)
-    t_g, t_m = pick(k)
-    x_g = torch.stack(xs)[k, torch.arange(B)]
+    t_g, t_m = tdm._step_times(k, grid, t_next)
+    x_g = tdm._gather(xs, k)
     with torch.no_grad():
         x0_hat = stu(x_g, t_g, cond)
         eps_hat = tdm.eps_from_x0(x_g, x0_hat, sch, t_g)
@@ -54,8 +52,8 @@ def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, c
     opt_fake.step()
     # generator phase: cond and uncond teacher passes separately
     k = torch.randint(c.K, (B,), device=x_T.device)
-    t_g, t_m = pick(k)
-    x_g = torch.stack(xs)[k, torch.arange(B)]
+    t_g, t_m = tdm._step_times(k, grid, t_next)
+    x_g = tdm._gather(xs, k)
     x0_hat = stu(x_g, t_g, cond)
     with torch.no_grad():
         x_m = tdm.ddim_step(x0_hat, tdm.eps_from_x0(x_g, x0_hat, sch, t_g), sch, t_m)
@@ -66,7 +64,7 @@ def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, c
     loss = tdm.generator_loss(x0_hat, r_u + c.cfg * (r_c - r_u), f)
     opt_student.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt_student.param_groups for p in g["params"]], 1.0)
+    tdm._clip(opt_student, c.grad_clip)
     opt_student.step()
 
 
@@ -83,11 +81,13 @@ def state_gib(nets):
 
 
 def memory_table(config, lora, dtype):
-    """Computed weights + grads + AdamW GiB of full fine-tuning (three copies) vs LoRA on one shared base."""
+    """Computed weights + grads + AdamW GiB of full fine-tuning (three fp32 copies, as train.py) vs LoRA on one
+    shared base in `dtype`."""
     with torch.device("meta"):
-        net = dit_from_config(config).to(dtype).requires_grad_(False)
-        copies = [copy.deepcopy(net).float().requires_grad_(True) for _ in range(2)]
+        net = dit_from_config(config).requires_grad_(False)
+        copies = [copy_network(net) for _ in range(2)]
         full = state_gib([net, *copies])
+        net = net.to(dtype)
         trainable_lora_views(net, lora)
         shared = state_gib([net])
     n = sum(p.numel() for p in copies[0].parameters())
@@ -100,6 +100,10 @@ class RowCounter:
         self.rows = self.calls = 0
         self.handles = [m.register_forward_pre_hook(self.hook) for m in modules]
 
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
     def hook(self, module, args):
         self.rows += args[0].shape[0]
         self.calls += 1
@@ -108,17 +112,18 @@ class RowCounter:
 def setup(config, device, lora, dtype, batch):
     """Teacher around a random DiT, student/fake (two copies, or two adapters of one base), optimisers, conds."""
     torch.manual_seed(0)
-    net = dit_from_config(config, device=device).to(dtype)
+    # As train.py: LoRA adapters on a base in `dtype` (bf16 on GPU); a full fine-tune copies an fp32 teacher.
+    net = dit_from_config(config, device=device).to(dtype if lora else torch.float32)
     teacher = PixArtTeacher.from_network(net)
     if lora:
         student, fake = trainable_lora_views(net, lora)
         nets = [net]
     else:
-        student, fake = (copy.deepcopy(net).float().requires_grad_(True) for _ in range(2))
+        student, fake = copy_network(net), copy_network(net)
         nets = [net, student, fake]
     x0_of = lambda m: (lambda x, t, c, K: teacher.x0(m, x, t, c, K))
-    opt_s = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6, betas=(0.0, 0.95))
-    opt_f = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=1e-6, betas=(0.0, 0.95))
+    opt_s = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.0, 0.95))
+    opt_f = torch.optim.AdamW(fake.parameters(), lr=1e-6, betas=(0.0, 0.95))
     L = 120
     cond = (torch.randn(batch, L, config.caption_channels, device=device),
             (torch.arange(L, device=device) < 20).long().expand(batch, L).contiguous())
@@ -148,6 +153,7 @@ def measure(step, args, config, device, lora, dtype):
             step(student, fake, teacher, cond, uncond, opt_s, opt_f, tdm_config)
     sync()
     sec = (time.perf_counter() - t0) / args.iters
+    counter.remove()
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     return dict(rows=counter.rows / args.iters / args.batch, calls=counter.calls / args.iters, sec=sec, peak=peak,
                 state=state_gib(nets))
@@ -187,7 +193,7 @@ def main(argv=None):
     p.add_argument("--memory-only", action="store_true", help="only the computed memory table of PixArt-XL-2 "
                    "(meta device: no weights, no GPU, seconds)")
     p.add_argument("--cpu-rss", action="store_true", help="measured CPU peak memory: each pattern in its own "
-                   "process on a 55M-parameter DiT (12 layers, hidden 512), peak RSS above the bare process's")
+                   "process on a 53M-parameter DiT (12 layers, hidden 512), peak RSS above the bare process's")
     p.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)   # internal: one row, print JSON
     p.add_argument("--rss-config", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -195,9 +201,9 @@ def main(argv=None):
         return cpu_rss_table(args)
     if args.memory_only:
         m = memory_table(pixart_xl_2_512_config(), args.lora, torch.bfloat16)
-        print(f"PixArt-XL-2 ({m['params']:,} parameters), bf16 frozen weights, fp32 trainable weights, grads and "
-              f"AdamW states; computed, activations excluded:")
-        print(f"  full fine-tune (teacher + student + fake)   {m['full']:6.1f} GiB")
+        print(f"PixArt-XL-2 ({m['params']:,} parameters) as train.py holds it; weights, grads and fp32 AdamW "
+              f"states, computed, activations excluded:")
+        print(f"  full fine-tune (fp32 teacher + student + fake) {m['full']:6.1f} GiB")
         print(f"  LoRA rank {args.lora} on one shared base          {m['lora']:6.1f} GiB  "
               f"({m['lora'] / m['full']:.2f}x full)")
         return m
@@ -206,12 +212,10 @@ def main(argv=None):
         num_layers=4, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128, sample_size=16,
         caption_channels=64)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
     rows = {}
     for i, (name, step, lora) in enumerate(PATTERNS):
         if args.row is not None and args.row != i:
             continue
-        torch.manual_seed(0)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux: the bare process
         rows[name] = measure(step, args, config, device, lora and args.lora, dtype)
         if args.row is not None:

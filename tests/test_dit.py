@@ -9,10 +9,10 @@ import pytest
 import torch
 
 
-from diffusers import PixArtTransformer2DModel  # noqa: E402
-from diffusers.models.embeddings import get_2d_sincos_pos_embed  # noqa: E402
+from diffusers import PixArtTransformer2DModel
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-import models as W  # noqa: E402
+import models as W
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
             sample_size=8, patch_size=2, caption_channels=16, cross_attention_dim=24)

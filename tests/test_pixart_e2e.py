@@ -73,3 +73,18 @@ def test_missing_weights_flag(setup):
     root, _, prompts = setup
     with pytest.raises(ValueError, match="--weights"):
         train.main(["--teacher", "pixart", "--prompts", prompts, "--out", str(root), "--iters", "1"])
+
+
+def test_lora_bf16_base_with_few_prompts(setup):
+    """train.py's GPU layout on CPU: bf16 base, fp32 adapters; previews run outside autocast; 2 prompts < 4
+    preview slots; then the student loads and samples from its run folder."""
+    root, folder, _ = setup
+    two = root / "two_prompts.txt"
+    two.write_text("a red fox in the snow\na lighthouse at dusk\n")
+    run = _train(root, folder, str(two), "bf16lora", "--iters", "2", "--lora", "4", "--precision", "bf16")
+    assert Image.open(os.path.join(run, "previews", "000002.png")).size == (2 * 64 + 2, 2 * 64 + 2)
+    _, net, _ = sample.load_run(run, device="cpu")
+    assert all(p.dtype == torch.float32 for p in net.parameters())          # the adapter as trained
+    out = str(root / "bf16lora.png")
+    sample.main(["--student", run, "--steps", "2", "--out", out, "--prompts", "a cat"])
+    assert Image.open(out).size == (64, 64)

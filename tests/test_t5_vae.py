@@ -15,11 +15,11 @@ import pytest
 import torch
 
 
-import sentencepiece as spm  # noqa: E402
-import transformers  # noqa: E402
-import diffusers  # noqa: E402,F401
+import sentencepiece as spm
+import transformers
+import diffusers
 
-from models import (VAE, T5Encoder, T5Tokenizer, load_t5, load_vae, relative_position_bucket,  # noqa: E402
+from models import (VAE, T5Encoder, T5Tokenizer, load_t5, load_vae, relative_position_bucket,
                        sd_vae_config, t5_v1_1_xxl_config, vae_state_dict_from_any)
 
 transformers.logging.set_verbosity_error()

@@ -687,7 +687,7 @@ def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path, monkeypatch
 # 14. Bad inputs raise with a message naming the problem                        #
 #################################################################################
 
-def test_bad_inputs_raise_clear_errors(fast_toy_teacher, tmp_path):
+def test_bad_inputs_raise_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown toy target 'nope'"):
         teachers.load_target("nope")
     with pytest.raises(ValueError, match=r"'means'.*found keys \['covs'\]"):
@@ -707,6 +707,12 @@ def test_bad_inputs_raise_clear_errors(fast_toy_teacher, tmp_path):
         train.main(["--resume", str(empty), "--iters", "2"])
     with pytest.raises(FileNotFoundError, match="student.safetensors"):
         sample.load_run(str(empty))
+    for argv, why in [(["--teacher", "pixart", "--unify", "1,2,4"], "--unify is toy-only"),
+                      (["--lora", "4"], "--lora is for --teacher pixart"),
+                      (["--fake-updates", "0"], "--fake-updates must be at least 1")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert why in capsys.readouterr().err
 
 
 def test_mode_metrics_on_known_samples():
