@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -156,8 +155,7 @@ def _read_file(path):
 
 def _read_folder(folder):
     for index_name in sorted(glob.glob(os.path.join(folder, "*.index.json"))):
-        with open(index_name) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = _read_json(index_name).get("weight_map")
         if not weight_map:
             raise ValueError(f"{index_name!r} has no 'weight_map'; the sharded checkpoint index is malformed")
         sd = {}
@@ -181,8 +179,9 @@ def _read_folder(folder):
                             "index json) or *.bin; is this the right folder?")
 
 
-def load_exact(module, state_dict, what):
-    """Load `state_dict` into `module`, raising one error that lists missing, unexpected and mis-shaped keys."""
+def load_exact(module, state_dict, what, assign=False):
+    """Load `state_dict` into `module`, raising one error that lists missing, unexpected and mis-shaped keys
+    (assign=True: the module, e.g. built on the meta device, takes over the checkpoint's tensors)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -197,7 +196,7 @@ def load_exact(module, state_dict, what):
         raise ValueError(f"{what}: the checkpoint does not match the model config. "
                          + "; ".join(p for p in parts if p)
                          + ". Check that the config.json belongs to these weights.")
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
     return module
 
 
@@ -278,8 +277,7 @@ def pixart_xl_2_1024_ms_config():
 def _as_config(config):
     """A PixArtConfig from a PixArtConfig, a diffusers config dict or a config.json path."""
     if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
-            return PixArtConfig.from_dict(json.load(f), source=os.fspath(config))
+        return PixArtConfig.from_dict(_read_json(config), source=os.fspath(config))
     return config if isinstance(config, PixArtConfig) else PixArtConfig.from_dict(config)
 
 
@@ -525,11 +523,12 @@ class LoRALinear(nn.Module):
         self.scaling = {}
         self.active = None
 
-    def add_adapter(self, name, rank, alpha):
-        """Add adapter `name`: A kaiming-uniform (as peft), B zeros, so it starts as the identity edit."""
+    def add_adapter(self, name, rank, alpha, dtype=None):
+        """Add adapter `name` (in `dtype`, default the base's): A kaiming-uniform (as peft), B zeros, so it starts
+        as the identity edit."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists")
-        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        kw = dict(device=self.weight.device, dtype=dtype or self.weight.dtype)
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **kw)
         self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **kw)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
@@ -555,8 +554,9 @@ def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def add_lora(model, rank, alpha=None, names=("student", "fake"), targets=LORA_TARGETS):
-    """Freeze `model`, then give every Linear whose name ends with a target the adapters `names` (inactive)."""
+def add_lora(model, rank, alpha=None, names=("student", "fake"), targets=LORA_TARGETS, dtype=None):
+    """Freeze `model`, then give every Linear whose name ends with a target the adapters `names` (inactive;
+    in `dtype`, default the base's)."""
     alpha = rank if alpha is None else alpha
     model.requires_grad_(False)
     hits = 0
@@ -571,7 +571,7 @@ def add_lora(model, rank, alpha=None, names=("student", "fake"), targets=LORA_TA
             elif not isinstance(child, LoRALinear):
                 raise TypeError(f"LoRA target {path!r} is a {type(child).__name__}, not an nn.Linear")
             for name in names:
-                child.add_adapter(name, rank, alpha)
+                child.add_adapter(name, rank, alpha, dtype)
             hits += 1
     if not hits:
         raise ValueError(f"no module of {type(model).__name__} matches the LoRA targets {targets}")
@@ -618,7 +618,6 @@ class LoRAView(nn.Module):
         self.__dict__["model"] = model                  # not a submodule: its base weights are not ours
         self.name = name
         self.adapter = nn.ParameterList(lora_parameters(model, name))
-        self.config = getattr(model, "config", None)
 
     def forward(self, *args, **kw):
         with use_adapter(self.model, self.name):
@@ -634,11 +633,10 @@ class LoRAView(nn.Module):
 def trainable_lora_views(model, rank, alpha=None, names=("student", "fake")):
     """Add adapters `names` to `model` (base frozen) and return one LoRAView per name, adapters in fp32 and
     trainable whatever the base precision: student and fake on one shared base, the teacher = adapters off."""
-    add_lora(model, rank, alpha, names=names)
+    add_lora(model, rank, alpha, names=names, dtype=torch.float32)
     views = [LoRAView(model, name) for name in names]
-    for p in (p for v in views for p in v.adapter):
-        p.data = p.data.float()
-        p.requires_grad_(True)
+    for v in views:
+        v.adapter.requires_grad_(True)
     return views
 
 
@@ -740,7 +738,7 @@ def load_pixart(path, config=None, device="cpu", dtype=None):
     """Load PixArt-α from a diffusers model folder, its transformer/ sub-folder, or an original PixArt .pth.
 
     `config` (PixArtConfig, dict or config.json path) overrides the folder's config.json or, for a .pth,
-    the release config inferred from its keys and file name.
+    the release config inferred from its keys and file name. dtype None keeps the checkpoint's own dtype.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -771,10 +769,7 @@ def load_pixart(path, config=None, device="cpu", dtype=None):
         raise ValueError(f"config num_layers={config.num_layers} but the weights in {source!r} have {len(blocks)} "
                          "transformer blocks; the config does not belong to these weights")
 
-    model = dit_from_config(config, device="meta").to_empty(device=device)   # no random init: all overwritten
-    if dtype is not None:
-        model.to(dtype)
-    load_exact(model, sd, f"PixArt transformer from {source!r}")
+    model = _load_into(lambda: dit_from_config(config), sd, f"PixArt transformer from {source!r}", dtype).to(device)
     if null_caption is not None:
         model.null_caption = null_caption.to(device=device, dtype=model.proj_out.weight.dtype)
     return model.eval()
@@ -1223,11 +1218,7 @@ def _load_into(build, sd, what, dtype=None, keep_fp32=()):
             sd[k] = sd[k].to(dtype)
     with torch.device("meta"):
         model = build()
-    with warnings.catch_warnings():                           # copying into meta tensors is a no-op: a check only
-        warnings.simplefilter("ignore")
-        load_exact(model, sd, what)
-    model.load_state_dict(sd, assign=True)
-    return model.eval().requires_grad_(False)
+    return load_exact(model, sd, what, assign=True).eval().requires_grad_(False)
 
 
 def _read_json(path):

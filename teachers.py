@@ -42,7 +42,8 @@ class GMM:
                              f"{tuple(self.classes.shape)}")
         if set(self.classes.tolist()) != set(range(self.n_classes)):
             raise ValueError(f"GMM {name!r}: classes must be 0..C-1 with every class used; got {self.classes.tolist()}")
-        bad = torch.linalg.cholesky_ex(self.covs).info.nonzero().flatten().tolist()
+        self.chol, info = torch.linalg.cholesky_ex(self.covs)          # (M, D, D) lower factors, for sample()
+        bad = info.nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"GMM {name!r}: the covariance of component(s) {bad} is not positive definite; "
                              "give symmetric matrices with positive eigenvalues (or use 'stds')")
@@ -67,7 +68,7 @@ class GMM:
             labels = torch.multinomial(self.class_prior(), n, replacement=True, generator=generator)
         comp = torch.multinomial(self._log_w(labels.cpu()).softmax(-1), 1, generator=generator).squeeze(1)
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
-        x = self.means[comp] + (torch.linalg.cholesky(self.covs)[comp] @ z[:, :, None]).squeeze(-1)
+        x = self.means[comp] + (self.chol[comp] @ z[:, :, None]).squeeze(-1)
         return x.float(), labels
 
     def _posterior(self, x, alpha, sigma, labels):
@@ -242,8 +243,7 @@ def toy_teacher(target="ring", exact=False, iters=None, seed=0, log=print):
         if log:
             log(f"fitting the toy teacher on {gmm.name!r} ({iters} iterations; cached at {path})")
         net = fit_toy_teacher(gmm, iters=iters, seed=seed, log=log)
-        os.makedirs(cache_dir(), exist_ok=True)
-        save_safetensors(net.state_dict(), path)
+        save_safetensors(net.state_dict(), path)      # creates the cache folder
     return ToyTeacher(gmm, net, exact=exact)
 
 
