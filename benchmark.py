@@ -2,6 +2,7 @@
 
     python benchmark.py                       # small random DiT on CPU (seconds)
     python benchmark.py --full-size --device cuda   # PixArt-XL-2 512 random weights on a GPU, with peak memory
+    python benchmark.py --full-size --resolution 1024 --device cuda --checkpointing   # 1024-MS
     python benchmark.py --cpu-rss                   # measured CPU peak memory, full vs LoRA (52.8M-param DiT)
     python benchmark.py --memory-only               # computed weights+grads+AdamW of PixArt-XL-2 (meta device)
 
@@ -11,17 +12,18 @@ conditional and unconditional teacher passes separately. Ours is tdm.tdm_step. B
 same networks in one run; ratios are what to read. Forwards are counted in network rows (samples).
 """
 import argparse
-import contextlib
+import gc
 import json
 import resource
 import subprocess
 import sys
 import time
+from math import nan
 
 import torch
 
 import tdm
-from models import PixArtConfig, dit_from_config, pixart_xl_2_512_config, trainable_lora_views
+from models import PixArtConfig, dit_from_config, pixart_xl_2_1024_ms_config, pixart_xl_2_512_config, trainable_lora_views
 from teachers import PixArtTeacher, copy_network
 
 
@@ -109,12 +111,12 @@ class RowCounter:
         self.calls += 1
 
 
-def setup(config, device, lora, dtype, batch):
+def setup(config, device, lora, dtype, batch, autocast=None):
     """Teacher around a random DiT, student/fake (two copies, or two adapters of one base), optimisers, conds."""
     torch.manual_seed(0)
     # As train.py: LoRA adapters on a base in `dtype` (bf16 on GPU); a full fine-tune copies an fp32 teacher.
     net = dit_from_config(config, device=device).to(dtype if lora else torch.float32)
-    teacher = PixArtTeacher.from_network(net)
+    teacher = PixArtTeacher.from_network(net, autocast=autocast)         # bf16 autocast per call, as train.py
     if lora:
         student, fake = trainable_lora_views(net, lora)
         nets = [net]
@@ -133,24 +135,22 @@ def setup(config, device, lora, dtype, batch):
 
 
 def measure(step, args, config, device, lora, dtype):
-    teacher, student, fake, opt_s, opt_f, cond, uncond, nets = setup(config, device, lora, dtype, args.batch)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    teacher, student, fake, opt_s, opt_f, cond, uncond, nets = setup(config, device, lora, dtype, args.batch, autocast)
     if args.checkpointing:
         for n in nets:
             n.gradient_checkpointing = True
     tdm_config = tdm.TDMConfig(K=4, cfg=4.5)
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
-        with amp():
-            step(student, fake, teacher, cond, uncond, opt_s, opt_f, tdm_config)
+        step(student, fake, teacher, cond, uncond, opt_s, opt_f, tdm_config)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     counter = RowCounter(nets)
     sync()
     t0 = time.perf_counter()
     for _ in range(args.iters):
-        with amp():
-            step(student, fake, teacher, cond, uncond, opt_s, opt_f, tdm_config)
+        step(student, fake, teacher, cond, uncond, opt_s, opt_f, tdm_config)
     sync()
     sec = (time.perf_counter() - t0) / args.iters
     counter.remove()
@@ -183,7 +183,9 @@ def cpu_rss_table(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--full-size", action="store_true", help="PixArt-XL-2 512 config (random weights; needs a GPU)")
+    p.add_argument("--full-size", action="store_true", help="PixArt-XL-2 config (random weights; needs a GPU)")
+    p.add_argument("--resolution", type=int, choices=(512, 1024), default=512,
+                   help="--full-size: 512 (PixArt-XL-2-512x512) or 1024 (PixArt-XL-2-1024-MS, 128^2 latents)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=5)
@@ -208,7 +210,8 @@ def main(argv=None):
               f"({m['lora'] / m['full']:.2f}x full)")
         return m
     device = torch.device(args.device)
-    config = pixart_xl_2_512_config() if args.full_size else RSS_CONFIG if args.rss_config else PixArtConfig(
+    xl = pixart_xl_2_1024_ms_config() if args.resolution == 1024 else pixart_xl_2_512_config()
+    config = xl if args.full_size else RSS_CONFIG if args.rss_config else PixArtConfig(
         num_layers=4, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128, sample_size=16,
         caption_channels=64)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -217,7 +220,13 @@ def main(argv=None):
         if args.row is not None and args.row != i:
             continue
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux: the bare process
-        rows[name] = measure(step, args, config, device, lora and args.lora, dtype)
+        try:
+            rows[name] = measure(step, args, config, device, lora and args.lora, dtype)
+        except torch.cuda.OutOfMemoryError:                              # report it and go on to the next row
+            rows[name] = dict(rows=nan, calls=nan, sec=nan, peak=float("inf"), state=nan)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         if args.row is not None:
             print(json.dumps(dict(rows[name], rss0=rss0, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
             return rows
@@ -225,8 +234,9 @@ def main(argv=None):
           f"batch {args.batch}, K=4, cfg 4.5, device {device}")
     print(f"{'':24s} {'rows/sample':>11s} {'calls':>6s} {'s/iter':>8s} {'peak GiB':>9s} {'state GiB':>10s}")
     for name, r in rows.items():
-        print(f"{name:24s} {r['rows']:11.2f} {r['calls']:6.1f} {r['sec']:8.3f} {r['peak']:9.2f} {r['state']:10.4f}")
-    print("(peak: measured, cuda only; state: weights + grads + AdamW states, computed from the tensors)")
+        peak = "OOM" if r["peak"] == float("inf") else f"{r['peak']:.2f}"
+        print(f"{name:24s} {r['rows']:11.2f} {r['calls']:6.1f} {r['sec']:8.3f} {peak:>9s} {r['state']:10.4f}")
+    print("(peak: measured, cuda only, OOM = out of memory; state: weights + grads + AdamW states, computed)")
     o, u = rows["official pattern, full"], rows["ours (tdm_step), full"]
     print(f"ours / official: forwards {u['rows'] / o['rows']:.2f}, seconds {u['sec'] / o['sec']:.2f}")
     return rows

@@ -545,7 +545,10 @@ class LoRALinear(nn.Module):
         if self.active is None:
             return y
         A, B = self.lora_A[self.active], self.lora_B[self.active]
-        delta = B(A(x.to(A.weight.dtype))) * self.scaling[self.active]   # adapters may be fp32 on a bf16 base
+        # Adapters may be fp32 on a bf16 base: outside autocast, run them in their own dtype. Under autocast
+        # F.linear already computes in bf16; an fp32 copy of x would only add memory traffic and saved tensors.
+        x_a = x if torch.is_autocast_enabled(x.device.type) else x.to(A.weight.dtype)
+        delta = B(A(x_a) * self.scaling[self.active])                 # scale the rank-r features: fewer elements
         return y + delta.to(y.dtype)
 
 

@@ -276,7 +276,7 @@ def _gather(points, k):
 
 
 def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config, x_T=None):
-    """One TDM iteration: roll out the student, update the fake score, update the student.
+    """One TDM iteration: roll out the student, score its sample, update the student, then the fake score.
 
     student, fake: callables (x_t, t, cond, K) -> x0_hat whose parameters the optimisers hold;
     teacher: has `.schedule` and `.denoise(x_t, t, cond) -> x0_hat`. Returns a dict of floats.
@@ -324,8 +324,16 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
         r_cfg = cfg_denoise(teacher.denoise, x_tau, tau, cond, uncond, c.cfg)   # real score, with CFG
         f_x0 = fak(x_tau, tau, cond)                                             # fake score, no CFG
 
-    # (3) Fake-score update (Eq. 7) on the student's own prediction.
-    logs = {}
+    # (3) Generator update through one student step (surrogate Eqs. 10-11). It needs nothing from the fake
+    # update below, so it runs first: the student's graph is freed before the fake score builds its own, and
+    # peak memory holds one graph, not two.
+    loss_gen = generator_loss(x0_hat, r_cfg, f_x0, c.huber_c, c.loss, c.normalise)
+    opt_student.zero_grad(set_to_none=True)
+    loss_gen.backward()
+    logs = dict(grad_norm=_clip(opt_student, c.grad_clip), loss_gen=loss_gen.item(), K=K)
+    opt_student.step()
+
+    # (4) Fake-score update (Eq. 7) on the student's own prediction (x0_hat from before the student's step).
     for _ in range(c.fake_updates):
         t_m = sample_landing(t_g, t_m_grid, c.randmid)
         x_tau, tau, z = diffused(t_m)
@@ -333,17 +341,10 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
         loss_fake = fake_score_loss(fak(x_tau, tau, cond), x0_sg, sch, tau, w_is, c.snr_clamp)
         opt_fake.zero_grad(set_to_none=True)
         loss_fake.backward()
-        _clip(opt_fake, c.fake_grad_clip)
+        if c.fake_grad_clip and c.fake_grad_clip > 0:
+            _clip(opt_fake, c.fake_grad_clip)
         opt_fake.step()
         logs.update(loss_fake=loss_fake.item(), w_is=w_is.mean().item())
-
-    # (4) Generator update through one student step (surrogate Eqs. 10-11).
-    loss_gen = generator_loss(x0_hat, r_cfg, f_x0, c.huber_c, c.loss, c.normalise)
-    opt_student.zero_grad(set_to_none=True)
-    loss_gen.backward()
-    logs["grad_norm"] = _clip(opt_student, c.grad_clip)
-    opt_student.step()
-    logs.update(loss_gen=loss_gen.item(), K=K)
     return logs
 
 
@@ -351,7 +352,10 @@ def _clip(opt, max_norm):
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if max_norm and max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    return math.sqrt(sum(p.grad.pow(2).sum().item() for p in params)) if params else 0.0
+    if not params:
+        return 0.0
+    norms = torch.stack([p.grad.detach().float().norm() for p in params])   # (n_params,): one sync, not one each
+    return norms.norm().item()
 
 
 def _batch_size(cond):

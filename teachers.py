@@ -338,9 +338,9 @@ class PixArtTeacher:
     """
 
     def __init__(self, folder, device=None, dtype=None, resolution=None, t5_dtype=None, vae_dtype=None,
-                 check_scheduler=True, keep_t5=False, t5_batch=8, log=print):
+                 check_scheduler=True, keep_t5=False, t5_batch=8, autocast=None, log=print):
         """device: default cuda when available; dtype of the DiT (and T5/VAE unless given): default bf16 on GPU,
-        fp32 on CPU."""
+        fp32 on CPU; autocast: a dtype (bf16) to run every network call under autocast, or None."""
         folder = os.fspath(folder)
         check_layout(folder)
         check_scheduler_config(folder, strict=check_scheduler)
@@ -353,17 +353,18 @@ class PixArtTeacher:
             vae_cfg = json.load(f)
         self.scaling_factor = vae_cfg.get("scaling_factor", 0.18215)
         self._init_network(load_pixart(folder, device=device, dtype=dtype),
-                           2 ** (len(vae_cfg.get("block_out_channels", (128, 256, 512, 512))) - 1), resolution)
+                           2 ** (len(vae_cfg.get("block_out_channels", (128, 256, 512, 512))) - 1), resolution,
+                           autocast)
         self.cache_folder = os.path.join(cache_dir(), "pixart_t5", self._t5_identity())
         self._t5 = self._vae = self._uncond = None
         self._rows = {}                                 # text -> its T5 rows, read once from the disk cache
 
     @classmethod
-    def from_network(cls, network, vae_factor=8, resolution=None):
+    def from_network(cls, network, vae_factor=8, resolution=None, autocast=None):
         """A teacher around an in-memory DiT, without a folder (no prompt encoding or decoding): benchmarks, tests."""
         self = cls.__new__(cls)
         self.device, self.folder = next(network.parameters()).device, None
-        self._init_network(network, vae_factor, resolution)
+        self._init_network(network, vae_factor, resolution, autocast)
         return self
 
     def _need_folder(self, what):
@@ -371,10 +372,10 @@ class PixArtTeacher:
             raise ValueError(f"{what} needs the model folder (T5, VAE); this teacher was built from a network alone "
                              "(PixArtTeacher.from_network): load it with load_teacher('pixart', DIR)")
 
-    def _init_network(self, network, vae_factor, resolution):
+    def _init_network(self, network, vae_factor, resolution, autocast):
         self.schedule = tdm.Schedule(PIXART_SCHEDULE["beta_schedule"], PIXART_SCHEDULE["beta_start"],
                                      PIXART_SCHEDULE["beta_end"], PIXART_SCHEDULE["num_train_timesteps"])
-        self.network, self.vae_factor = network.requires_grad_(False), vae_factor
+        self.network, self.vae_factor, self.autocast = network.requires_grad_(False), vae_factor, autocast
         cfg = network.config
         self.micro_conditions = cfg.use_additional_conditions          # 1024-MS: resolution / aspect ratio
         h, w = (cfg.sample_size * vae_factor,) * 2 if resolution is None else \
@@ -405,7 +406,11 @@ class PixArtTeacher:
             raise ValueError("step-count conditioning (TDM-unify, K) is not implemented for the PixArt DiT; "
                              "train PixArt students with a fixed K")
         emb, mask = cond
-        out = net(x_t, t, emb, mask, self._added_cond_kwargs(x_t))     # the DiT casts inputs to its own dtype
+        # Autocast per call, not around a whole training step: autocast caches the low-precision copy of each
+        # trainable weight until its outermost region ends, so a forward after an optimiser step in the same
+        # region would still see the old weights (a second fake update would).
+        with torch.autocast(x_t.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)):
+            out = net(x_t, t, emb, mask, self._added_cond_kwargs(x_t))  # the DiT casts inputs to its own dtype
         eps = out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x_t.shape[1] else out                  # (B, 4, H, W)
         a = self.schedule.alpha(t).reshape(-1, 1, 1, 1)
         s = self.schedule.sigma(t).reshape(-1, 1, 1, 1)

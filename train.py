@@ -207,8 +207,9 @@ def main(argv=None):
         prompts = None
     else:
         prompts = teachers.read_prompts(args.prompts)
-        teacher = teachers.load_teacher("pixart", args.weights, device=device,
-                                        dtype=torch.bfloat16 if bf16 and args.lora else torch.float32, log=tqdm.write)
+        teacher = teachers.load_teacher("pixart", args.weights, device=device, log=tqdm.write,
+                                        dtype=torch.bfloat16 if bf16 and args.lora else torch.float32,
+                                        autocast=torch.bfloat16 if bf16 and device.type == "cuda" else None)
         teacher.prepare(prompts)                # T5 once per prompt (and ""), cached on disk and in memory
         if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
             teacher.network.gradient_checkpointing = True
@@ -269,9 +270,7 @@ def main(argv=None):
     else:
         preview = pixart_previewer(teacher, student, ema, prompts, args, run_dir)
 
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" \
-        else contextlib.nullcontext
-    t0 = time.time()
+    t0, step_time = time.time(), 0.0          # step_time: the TDM steps alone (no previews, evals, checkpoints)
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="TDM", dynamic_ncols=True)
     for it in bar:
         for group in opt_student.param_groups:
@@ -282,12 +281,13 @@ def main(argv=None):
         else:
             batch = [prompts[i] for i in torch.randint(len(prompts), (args.batch,)).tolist()]
             cond, uncond = teacher.encode(batch), teacher.uncond(args.batch)
-        with amp():
-            logs = tdm.tdm_step(x0_of(student), x0_of(fake), teacher, cond, uncond, opt_student, opt_fake, config)
+        t_step = time.time()
+        logs = tdm.tdm_step(x0_of(student), x0_of(fake), teacher, cond, uncond, opt_student, opt_fake, config)
         if ema is not None:
             with torch.no_grad():
                 for k, v in student.state_dict().items():
                     ema[k].lerp_(v.to(ema[k].dtype), 1 - args.ema)
+        step_time += time.time() - t_step       # tdm_step's .item() calls have synchronised the GPU already
         bar.set_postfix(fake=f"{logs['loss_fake']:.4f}", gen=f"{logs['loss_gen']:.4f}", K=logs["K"])
         done = it + 1
         if toy and args.eval_every and done % args.eval_every == 0:
@@ -303,7 +303,10 @@ def main(argv=None):
         toy_report(teacher, student, ema, args, unify, run_dir, train_time)
     elif args.preview_every and args.iters % args.preview_every:     # the loop has not drawn the last one
         preview(args.iters)
-    print(f"wrote {run_dir}/; training took {train_time:.0f} s ({train_time / max(1, args.iters - start):.3f} s/iter)")
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    n = max(1, args.iters - start)
+    print(f"wrote {run_dir}/; training took {train_time:.0f} s: {step_time / n:.3f} s/iter in TDM steps, "
+          f"{train_time - step_time:.0f} s in evaluations, previews and checkpoints{peak}")
     return run_dir
 
 

@@ -386,3 +386,37 @@ def test_unsupported_config_values(change, words):
     with pytest.raises(ValueError, match=words):
         W.PixArtConfig.from_dict({**hf_config(64), **change})
 
+
+
+def test_teacher_autocasts_per_call_so_a_step_is_seen_by_the_next_forward():
+    """Autocast caches the bf16 copy of every trainable weight until its outermost region ends. The teacher
+    autocasts each network call, so a forward after an optimiser step sees the new weights; one region around
+    a whole TDM step (the old train.py) would feed a second fake update the weights from before the first."""
+    from teachers import PixArtTeacher
+    net = randomize(W.PixArtDiT(W.PixArtConfig(**tiny_config("512"))))
+    teacher = PixArtTeacher.from_network(net, autocast=torch.bfloat16)
+    student, _ = W.trainable_lora_views(net, rank=2)
+    x, _, y, mask, _ = make_inputs("512")
+    t = torch.tensor([999, 17])
+    B = W.lora_parameters(net, "student")[1]                       # lora_B of the first layer, zero at start
+    assert B.requires_grad and B.dtype == torch.float32
+    teacher.autocast = None
+    y_fp32 = teacher.x0(student, x, t, (y, mask))
+    teacher.autocast = torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_region = teacher.x0(student, x, t, (y, mask))
+    y_call = teacher.x0(student, x, t, (y, mask))
+    assert torch.equal(y_call, y_region) and not torch.equal(y_call, y_fp32)   # bf16 autocast is on in the call
+
+    def before_and_after_update():
+        y1 = teacher.x0(student, x, t, (y, mask))
+        with torch.no_grad():
+            for p in W.lora_parameters(net, "student"):
+                p.add_(0.5)                                        # an "optimiser step", in place
+        return y1, teacher.x0(student, x, t, (y, mask))
+
+    y1, y2 = before_and_after_update()
+    assert (y1 - y2).abs().max() > 1e-2                            # the update is seen
+    with torch.autocast("cpu", dtype=torch.bfloat16):              # what per-call autocast avoids
+        y1, y2 = before_and_after_update()
+    assert torch.equal(y1, y2)                                     # stale cached bf16 weights

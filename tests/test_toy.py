@@ -729,3 +729,13 @@ def test_mode_metrics_on_known_samples():
     mu = gmm.means[gmm.responsibilities(x).argmax(1)].float()
     assert ev.mode_width(mu + 0.5 * (x - mu), ref, gmm) == pytest.approx(0.5, abs=tol)
     assert ev.mode_coverage_error(gmm.means[:1].float().expand(n, -1), gmm) == pytest.approx(1 - gmm.weights[0].item())
+
+
+def test_unclipped_grad_norm_is_the_global_norm():
+    """tdm._clip without a limit returns the norm of all gradients together and leaves them unchanged."""
+    ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    ps[0].grad, ps[1].grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([[0.0, 4.0], [0.0, 12.0]])
+    opt = torch.optim.SGD(ps, lr=1.0)
+    assert tdm._clip(opt, 0.0) == pytest.approx(13.0)             # sqrt(9 + 16 + 144)
+    assert tdm._clip(opt, 6.5) == pytest.approx(13.0)             # returns the norm before clipping ...
+    assert ps[1].grad[1, 1].item() == pytest.approx(6.0)          # ... and scales by 6.5 / 13
