@@ -315,9 +315,12 @@ class PatchEmbed(nn.Module):
         self.base_size, self.interpolation_scale = base_size, interpolation_scale
 
     def forward(self, x):
-        x = self.proj(x)                                          # (B, D, h, w)
-        B, D, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)                          # (B, h*w, D)
+        # The conv (kernel = stride = p) is a linear map of each flattened patch; run as one, it needs no cuDNN
+        # plan per batch size (the rollout's per-sample early stop makes a new batch size almost every call).
+        p, (h, w) = self.proj.stride[0], (x.shape[2] // self.proj.stride[0], x.shape[3] // self.proj.stride[1])
+        x = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)                 # (B, h*w, C*p*p)
+        x = F.linear(x, self.proj.weight.flatten(1), self.proj.bias)                     # (B, h*w, D)
+        D = x.shape[-1]
         pos = sincos_pos_embed_2d(D, h, w, self.base_size, self.interpolation_scale, device=x.device)
         return (x + pos[None]).to(x.dtype)
 
