@@ -193,16 +193,22 @@ def sample_landing(t_g, t_m, randmid=False, margin=20):
 #                     Losses (Eqs. 6-7, 10-11; Sec. 3.5, 3.7)                   #
 #################################################################################
 
-def importance_weight(eps_hat, z, schedule, t_m, tau):
+def importance_weight(eps_hat, z, schedule, t_m, tau, exact=False):
     """w_IS = q(x_tau | x0_hat) / q(x_tau | x_m), tempered per dimension as in the official code (Sec. 3.5).
 
     m = (alpha_tau/alpha_m sigma_m eps_hat + beta z) / sigma_tau is the "mixed noise" (with the
     sigma_m factor of the 2025-10-20 fix), and w = exp(-mean(m^2)/2) / exp(-mean(z^2)/2), means over
-    the non-batch dimensions, normalising constants dropped. -> (B,)
+    the non-batch dimensions, normalising constants dropped. exact=True: the true ratio of the two
+    Gaussian densities, (beta / sigma_tau)^d exp(-|m|^2/2 + |z|^2/2) (E_z[w] = 1; usable in low d only:
+    it degenerates at image sizes). -> (B,)
     """
     a, beta = transition(schedule, t_m, tau)
     m = (_bc(a * schedule.sigma(t_m), eps_hat) * eps_hat + _bc(beta, z) * z) / _bc(schedule.sigma(tau), z)
     dims = list(range(1, z.dim()))
+    if exact:
+        d = z[0].numel()
+        log_w = -0.5 * m.pow(2).sum(dims) + 0.5 * z.pow(2).sum(dims) + d * torch.log(beta / schedule.sigma(tau))
+        return torch.exp(log_w)
     return torch.exp(-0.5 * m.pow(2).mean(dims) + 0.5 * z.pow(2).mean(dims))
 
 
@@ -250,7 +256,7 @@ class TDMConfig:
     cfg: float = 4.5                 # guidance of the real (teacher) score only
     separate: bool = True            # diffusing interval [t_m, t_g) per step (else [t_m, T))
     randmid: bool = False            # random landing time (official --use_randmid)
-    importance: bool = True          # importance weight in the fake loss
+    importance: str = "tempered"     # fake-loss weight: "tempered" (official), "exact" (low d only) or "off"
     loss: str = "huber"              # generator loss: "huber" (official element-wise), "huber-sample" (paper), "mse"
     huber_c: float = 1e-3
     normalise: bool = True           # DMD per-sample normaliser 1 / mean|x0_hat - r_cfg|
@@ -260,6 +266,10 @@ class TDMConfig:
     fake_updates: int = 1            # fake-score updates per generator update (official 1)
     grad_clip: float = 1.0           # student only (official); <= 0 turns it off
     fake_grad_clip: float = 0.0      # official: none
+
+    def __post_init__(self):
+        if self.importance not in ("tempered", "exact", "off"):
+            raise ValueError(f"importance={self.importance!r}: expected 'tempered' (official), 'exact' or 'off'")
 
 
 def _step_times(k, grid, t_next):
@@ -337,7 +347,8 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
     for _ in range(c.fake_updates):
         t_m = sample_landing(t_g, t_m_grid, c.randmid)
         x_tau, tau, z = diffused(t_m)
-        w_is = importance_weight(eps_sg, z, sch, t_m, tau) if c.importance else torch.ones(B, device=device)
+        w_is = torch.ones(B, device=device) if c.importance == "off" else \
+            importance_weight(eps_sg, z, sch, t_m, tau, exact=c.importance == "exact")
         loss_fake = fake_score_loss(fak(x_tau, tau, cond), x0_sg, sch, tau, w_is, c.snr_clamp)
         opt_fake.zero_grad(set_to_none=True)
         loss_fake.backward()

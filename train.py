@@ -54,7 +54,9 @@ def parse_args(argv=None):
     g.add_argument("--cfg", type=float, default=None, help="guidance of the teacher score (toy 1; pixart 4.5 official)")
     g.add_argument("--shared-interval", action="store_true", help="tau in [t_m, T) instead of the step's own interval")
     g.add_argument("--randmid", action="store_true", help="random landing time (official --use_randmid)")
-    g.add_argument("--no-importance", action="store_true", help="drop the importance weight from the fake loss")
+    g.add_argument("--importance", default="tempered", choices=["tempered", "exact", "off"],
+                   help="fake-loss importance weight: official per-dimension tempered ratio, the exact density "
+                        "ratio (toy: low dimension only), or none")
     g.add_argument("--loss", default="huber", choices=["huber", "huber-sample", "mse"],
                    help="generator loss: official element-wise pseudo-Huber, the paper's per-sample one, or MSE")
     g.add_argument("--huber-c", type=float, default=1e-3, help="element-wise pseudo-Huber constant (official)")
@@ -223,7 +225,7 @@ def main(argv=None):
                                  weight_decay=args.weight_decay)
     config = tdm.TDMConfig(K=args.steps, t_max=args.t_max, unify=unify, cfg=args.cfg,
                            separate=not args.shared_interval, randmid=args.randmid,
-                           importance=not args.no_importance, loss=args.loss, huber_c=args.huber_c,
+                           importance=args.importance, loss=args.loss, huber_c=args.huber_c,
                            normalise=not args.no_normalise, tau_min=args.tau_min, margin=args.margin,
                            snr_clamp=args.snr_clamp, fake_updates=args.fake_updates, grad_clip=args.grad_clip)
     start = 0

@@ -326,6 +326,35 @@ def test_importance_weight_is_the_tempered_kernel_ratio(shape):
                           rtol=1e-6)
 
 
+def test_exact_importance_weight_is_the_density_ratio_and_averages_to_one():
+    """exact=True: the full ratio of the two Gaussian densities (normalising constants included), so for a
+    fixed x0_hat, eps_hat the weight averages to 1 over the fresh noise z (E_{x_m kernel}[q / q_m] = 1)."""
+    sch = tdm.Schedule()
+    g = torch.Generator().manual_seed(3)
+    B = 64
+    x0_hat, eps_hat, z = (torch.randn(B, 2, generator=g) for _ in range(3))
+    t_m = torch.randint(0, 700, (B,), generator=g)
+    tau = t_m + torch.randint(20, 200, (B,), generator=g)
+    w = tdm.importance_weight(eps_hat, z, sch, t_m, tau, exact=True).double()
+    x_m = tdm.ddim_step(x0_hat, eps_hat, sch, t_m).double()
+    x_tau = tdm.rediffuse(x_m.float(), sch, t_m, tau, z)[0].double()
+    a_m, s_m = _at(sch, t_m)
+    a_t, s_t = _at(sch, tau)
+    beta = (s_t ** 2 - (a_t / a_m * s_m) ** 2).sqrt()
+    N = torch.distributions.Normal
+    log_num = N(a_t[:, None] * x0_hat.double(), s_t[:, None]).log_prob(x_tau).sum(1)          # q(x_tau | x0_hat)
+    log_den = N((a_t / a_m)[:, None] * x_m, beta[:, None]).log_prob(x_tau).sum(1)             # q(x_tau | x_m)
+    # float32 rounding as in the tempered test, now on the summed (2x larger) exponent: rtol 2e-4
+    assert torch.allclose(w, (log_num - log_den).exp(), rtol=2e-4, atol=0)
+    # Monte Carlo over z for one (x0_hat, eps_hat, t_m, tau): mean 1 within 5 standard errors
+    n = 200_000
+    zs = torch.randn(n, 2, generator=g)
+    ws = tdm.importance_weight(eps_hat[:1].expand(n, 2), zs, sch, t_m[:1].expand(n), tau[:1].expand(n),
+                               exact=True).double()
+    assert abs(ws.mean().item() - 1) < 5 * ws.std().item() / n ** 0.5 + 1e-9, (ws.mean(), ws.std())
+    assert ws.std() > 0.01                                                 # not trivially 1
+
+
 def test_importance_weight_tends_to_one_when_tau_is_far_above_t_m():
     sch = tdm.Schedule()
     g = torch.Generator().manual_seed(2)
