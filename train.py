@@ -4,6 +4,7 @@
     python train.py --toy-target grid --unify 1,2,4  # one student for 1, 2 and 4 steps
     python train.py --resume runs/toy-ring --iters 4000   # continue a run exactly
     python train.py --teacher pixart --weights PixArt-XL-2-512x512 --lora 64   # the real thing (GPU)
+    torchrun --standalone --nproc_per_node 2 train.py --teacher pixart --weights ...   # data parallel, 2 GPUs
 
 Writes runs/<name>/: student.safetensors + student.json (the student to sample; the EMA when on),
 ckpt.safetensors + ckpt.json (everything needed to resume), and for the toy metrics.jsonl (the
@@ -14,10 +15,12 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import eval as ev
@@ -86,6 +89,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=int, default=200, help="toy: iterations between metric-curve points (0 = off)")
     g.add_argument("--eval-n", type=int, default=20000, help="toy: samples per curve point")
     g.add_argument("--final-eval-n", type=int, default=50000, help="toy: samples for the final metrics (0 = skip)")
+    g.add_argument("--figure-n", type=int, default=20000, help="toy: points per panel of figure.png (0 = no figure)")
     g.add_argument("--preview-every", type=int, default=50, help="pixart: iterations between 1- and 4-step previews")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint interval (toy 1000, pixart 500)")
     args = p.parse_args(argv)
@@ -183,6 +187,82 @@ def weights_swapped(module, state):
 
 
 #################################################################################
+#                          Data parallel (torchrun)                             #
+#################################################################################
+
+def init_distributed(device):
+    """Under torchrun (RANK set): join the process group, one GPU per process. -> (rank, world, device).
+    Without torchrun: (0, 1, device), and nothing below does anything."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def average_gradients(params, world):
+    """Data parallel without a wrapper: each gradient is averaged over the processes as soon as backward has
+    accumulated it, so gradient clipping and the optimiser step see the global batch's gradient on every rank
+    (and the weights stay identical). Every rank runs the same backwards, so the collectives line up."""
+    def hook(p):
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+
+@contextlib.contextmanager
+def rank0_first(rank, world):
+    """Rank 0 runs the block first (it fills the disk caches: toy teacher fit, T5 prompt embeddings), then the
+    other ranks run it and find the caches filled."""
+    if world > 1 and rank > 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+
+def check_in_sync(net, world):
+    """Raise if the processes' copies of `net` differ (a checksum, compared at every checkpoint)."""
+    if world == 1:
+        return
+    c = sum(p.detach().double().sum() for p in net.parameters())
+    both = torch.stack([c, -c]).to(next(net.parameters()).device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if both[0] != c or -both[1] != c:
+        raise RuntimeError("data-parallel ranks out of sync: the student's weights differ between processes")
+
+
+def rng_states(device, world):
+    """This process's RNG states; under torchrun every rank's, gathered (so a resume continues each stream)."""
+    s = dict(rng=torch.get_rng_state())
+    if device.type == "cuda":
+        s["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return s
+    ranks = [None] * world
+    dist.all_gather_object(ranks, {k: v.cpu() for k, v in s.items()})
+    return dict(rank_rng=ranks)
+
+
+def set_rng_states(saved, device, rank, world, seed, iteration, log):
+    """Restore the RNG streams of a checkpoint; if it was written by another number of processes, reseed
+    (the run goes on, but not bit-exactly as an uninterrupted one would)."""
+    ranks = saved.get("rank_rng") or [dict(rng=saved["rng"], **({"cuda_rng": saved["cuda_rng"]}
+                                                               if "cuda_rng" in saved else {}))]
+    if len(ranks) != world:
+        log(f"warning: the checkpoint was written by {len(ranks)} process(es), this run has {world}: "
+            "reseeding each process; the resumed run is not bit-exact")
+        torch.manual_seed(seed + 1_000_003 * rank + iteration)
+        return
+    torch.set_rng_state(ranks[rank]["rng"])
+    if device.type == "cuda" and "cuda_rng" in ranks[rank]:
+        torch.cuda.set_rng_state(ranks[rank]["cuda_rng"], device)
+
+
+#################################################################################
 #                          Training                                             #
 #################################################################################
 
@@ -191,8 +271,12 @@ def main(argv=None):
     resume_state = None
     if args.resume:
         resume_state, old = load_checkpoint(args.resume)
-        keep = {"iters", "resume", "eval_every", "eval_n", "final_eval_n", "save_every", "preview_every", "device"}
-        args = argparse.Namespace(**{**old["args"], **{k: v for k, v in vars(args).items() if k in keep}})
+        # the run's own settings, except these when given again on this command line
+        keep = {"iters", "resume", "eval_every", "eval_n", "final_eval_n", "figure_n", "save_every", "preview_every",
+                "device"}
+        given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
+                 if a.startswith("--")}
+        args = argparse.Namespace(**{**old["args"], **{k: v for k, v in vars(args).items() if k in keep & given}})
         args.out, args.name = os.path.split(os.path.normpath(args.resume))
     toy = args.teacher != "pixart"
     name = args.name or (f"toy-{os.path.splitext(os.path.basename(args.toy_target))[0]}" if toy else "pixart")
@@ -200,22 +284,35 @@ def main(argv=None):
     os.makedirs(run_dir, exist_ok=True)
     unify = tuple(int(k) for k in args.unify.split(",") if k) if args.unify else ()
     device = torch.device("cpu" if toy else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = init_distributed(device)
+    if args.batch % world:
+        raise ValueError(f"--batch {args.batch} is the global batch: it must divide by the {world} processes")
+    batch = args.batch // world                 # per process
+    main_proc = rank == 0                       # only it logs, evaluates, previews and writes checkpoints
+    log = tqdm.write if main_proc else (lambda *a: None)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     torch.manual_seed(args.seed)
 
     # Teacher, student and fake score.
-    if toy:
-        teacher = teachers.load_teacher(args.teacher, target=args.toy_target, log=tqdm.write)
-        prompts = None
-    else:
-        prompts = teachers.read_prompts(args.prompts)
-        teacher = teachers.load_teacher("pixart", args.weights, device=device, log=tqdm.write,
-                                        dtype=torch.bfloat16 if bf16 and args.lora else torch.float32,
-                                        autocast=torch.bfloat16 if bf16 and device.type == "cuda" else None)
-        teacher.prepare(prompts)                # T5 once per prompt (and ""), cached on disk and in memory
+    with rank0_first(rank, world):
+        if toy:
+            teacher = teachers.load_teacher(args.teacher, target=args.toy_target, log=log)
+            prompts = None
+        else:
+            prompts = teachers.read_prompts(args.prompts)
+            teacher = teachers.load_teacher("pixart", args.weights, device=device, log=log,
+                                            dtype=torch.bfloat16 if bf16 and args.lora else torch.float32,
+                                            autocast=torch.bfloat16 if bf16 and device.type == "cuda" else None)
+            teacher.prepare(prompts)            # T5 once per prompt (and ""), cached on disk and in memory
         if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
             teacher.network.gradient_checkpointing = True
     student, fake = build_student_and_fake(teacher, args, unify)
+    if world > 1:                               # rank 0's initial weights everywhere; then each its own noise
+        params = list(student.parameters()) + list(fake.parameters())
+        for p in params:
+            dist.broadcast(p.data, 0)
+        average_gradients(params, world)
+        torch.manual_seed(args.seed + 1_000_003 * rank)
     ema = {k: v.detach().clone() for k, v in student.state_dict().items()} if args.ema > 0 else None
     betas = (args.beta1, args.beta2)
     lr_student = args.lr_fake / args.lr_ratio
@@ -236,10 +333,8 @@ def main(argv=None):
         opt_fake.load_state_dict(resume_state["opt_fake"])
         ema = resume_state.get("ema")
         ema = None if ema is None else {k: v.to(device) for k, v in ema.items()}
-        torch.set_rng_state(resume_state["rng"])
-        if device.type == "cuda" and "cuda_rng" in resume_state:
-            torch.cuda.set_rng_state(resume_state["cuda_rng"])
         start = int(resume_state["iteration"])
+        set_rng_states(resume_state, device, rank, world, args.seed, start, log)
 
     def lr_at(i):   # generator: linear warm-up, then constant or cosine (official: cosine, 50 warm-up steps)
         warm = min(1.0, (i + 1) / max(1, args.warmup))
@@ -256,33 +351,33 @@ def main(argv=None):
 
     def state(it):
         s = dict(student=student.state_dict(), fake=fake.state_dict(), opt_student=opt_student.state_dict(),
-                 opt_fake=opt_fake.state_dict(), rng=torch.get_rng_state(), iteration=torch.tensor(it))
-        if device.type == "cuda":
-            s["cuda_rng"] = torch.cuda.get_rng_state()
+                 opt_fake=opt_fake.state_dict(), iteration=torch.tensor(it), **rng_states(device, world))
         if ema is not None:
             s["ema"] = ema
         return s
 
-    if toy:
+    log_curve = preview = None
+    if toy and main_proc:
         log_curve = toy_curve_logger(teacher, student, ema, args, unify, run_dir)
         if start == 0:
             open(os.path.join(run_dir, "metrics.jsonl"), "w").close()
             if args.eval_every:
                 log_curve(0)
-    else:
+    elif main_proc:
         preview = pixart_previewer(teacher, student, ema, prompts, args, run_dir)
 
     t0, step_time = time.time(), 0.0          # step_time: the TDM steps alone (no previews, evals, checkpoints)
-    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="TDM", dynamic_ncols=True)
+    bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="TDM", dynamic_ncols=True,
+               disable=not main_proc)
     for it in bar:
         for group in opt_student.param_groups:
             group["lr"] = lr_at(it)
         if toy:
-            labels = teacher.sample_labels(args.batch)
-            cond, uncond = teacher.encode(labels), teacher.uncond(args.batch)
+            labels = teacher.sample_labels(batch)
+            cond, uncond = teacher.encode(labels), teacher.uncond(batch)
         else:
-            batch = [prompts[i] for i in torch.randint(len(prompts), (args.batch,)).tolist()]
-            cond, uncond = teacher.encode(batch), teacher.uncond(args.batch)
+            texts = [prompts[i] for i in torch.randint(len(prompts), (batch,)).tolist()]
+            cond, uncond = teacher.encode(texts), teacher.uncond(batch)
         t_step = time.time()
         logs = tdm.tdm_step(x0_of(student), x0_of(fake), teacher, cond, uncond, opt_student, opt_fake, config)
         if ema is not None:
@@ -292,15 +387,22 @@ def main(argv=None):
         step_time += time.time() - t_step       # tdm_step's .item() calls have synchronised the GPU already
         bar.set_postfix(fake=f"{logs['loss_fake']:.4f}", gen=f"{logs['loss_gen']:.4f}", K=logs["K"])
         done = it + 1
-        if toy and args.eval_every and done % args.eval_every == 0:
+        if log_curve and args.eval_every and done % args.eval_every == 0:
             row = log_curve(done)
             tqdm.write(f"iter {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "iteration"))
-        if not toy and args.preview_every and done % args.preview_every == 0:
+        if preview and args.preview_every and done % args.preview_every == 0:
             preview(done)
         if done % args.save_every == 0 or done == args.iters:
-            save_checkpoint(run_dir, state(done), meta(done))
+            check_in_sync(student, world)
+            s = state(done)                      # on every rank: it gathers their RNG states
+            if main_proc:
+                save_checkpoint(run_dir, s, meta(done))
     train_time = time.time() - t0
 
+    if world > 1:
+        dist.destroy_process_group()
+    if not main_proc:
+        return run_dir
     if toy:
         toy_report(teacher, student, ema, args, unify, run_dir, train_time)
     elif args.preview_every and args.iters % args.preview_every:     # the loop has not drawn the last one
@@ -308,7 +410,8 @@ def main(argv=None):
     peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
     n = max(1, args.iters - start)
     print(f"wrote {run_dir}/; training took {train_time:.0f} s: {step_time / n:.3f} s/iter in TDM steps, "
-          f"{train_time - step_time:.0f} s in evaluations, previews and checkpoints{peak}")
+          f"{train_time - step_time:.0f} s in evaluations, previews and checkpoints{peak}"
+          + (f" ({world} processes, {batch} samples each)" if world > 1 else ""))
     return run_dir
 
 
@@ -348,9 +451,11 @@ def toy_report(teacher, student, ema, args, unify, run_dir, train_time):
             print(ev.format_table(rows))
             _write_json(dict(rows=rows, cfg=args.cfg, train_seconds=train_time, iters=args.iters),
                         os.path.join(run_dir, "metrics.json"))
-        figure(teacher, net, args, unify).save(os.path.join(run_dir, "figure.png"))
-    if args.eval_every:
-        curve(os.path.join(run_dir, "metrics.jsonl")).save(os.path.join(run_dir, "curve.png"))
+        if args.figure_n:
+            figure(teacher, net, args, unify, n=args.figure_n).save(os.path.join(run_dir, "figure.png"))
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path) and os.path.getsize(path):          # a resumed run may have had no curve points
+        curve(path).save(os.path.join(run_dir, "curve.png"))
 
 
 def curve(metrics_path):

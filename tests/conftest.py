@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+import teachers
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
@@ -27,3 +29,26 @@ def _tdm_cache(tmp_path_factory):
         os.environ.pop("TDM_CACHE", None)
     else:
         os.environ["TDM_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def fast_toy_teacher(tmp_path_factory):
+    """A cheap fitted toy teacher for the CLIs.
+
+    The CLIs call load_teacher(name, target=..., log=...) -> toy_teacher(iters=2000), which fits for ~30 s
+    on a cache miss. Here `teachers.fit_toy_teacher` (looked up at call time by toy_teacher) is wrapped to
+    fit for 100 iterations at batch 256 whatever it is asked, in a cache folder of this module's own:
+    the entry is keyed as the 2000-iteration teacher but only this throw-away folder ever sees it.
+    The teacher's quality does not matter to smoke / resume / error tests. Subprocesses (torchrun) inherit
+    $TDM_CACHE and find the entry there.
+    """
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TDM_CACHE", str(tmp_path_factory.mktemp("fast_teacher_cache")))
+    original = teachers.fit_toy_teacher
+
+    def fit_fast(gmm, iters=2000, **kw):
+        return original(gmm, **{**kw, "iters": 100, "batch": 256})
+    mp.setattr(teachers, "fit_toy_teacher", fit_fast)
+    teachers.load_teacher("toy", target="ring", log=None)          # fit once; later loads hit the cache
+    yield
+    mp.undo()

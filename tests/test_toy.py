@@ -4,7 +4,6 @@ Every assertion compares against a value derived from the maths; each tolerance 
 comment next to it (Monte-Carlo standard error x 5, float32 rounding bounds, or an explicit
 optimisation tolerance). Section numbers refer to shared/reference/tdm-method.md.
 """
-import functools
 import json
 import math
 import os
@@ -618,33 +617,6 @@ def test_tdm_drives_student_to_gaussian_target(K):
 # 12. CLI smoke runs                                                            #
 #################################################################################
 
-@pytest.fixture(scope="module")
-def fast_toy_teacher(tmp_path_factory):
-    """A cheap fitted toy teacher for the CLIs.
-
-    The CLIs call load_teacher(name, target=..., log=...) -> toy_teacher(iters=2000), which fits for ~30 s
-    on a cache miss. Here `teachers.fit_toy_teacher` (looked up at call time by toy_teacher) is wrapped to
-    fit for 100 iterations at batch 256 whatever it is asked, in a cache folder of this module's own:
-    the entry is keyed as the 2000-iteration teacher but only this throw-away folder ever sees it.
-    The teacher's quality does not matter to smoke / resume / error tests.
-    """
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TDM_CACHE", str(tmp_path_factory.mktemp("fast_teacher_cache")))
-    original = teachers.fit_toy_teacher
-
-    def fit_fast(gmm, iters=2000, **kw):
-        return original(gmm, **{**kw, "iters": 100, "batch": 256})
-    mp.setattr(teachers, "fit_toy_teacher", fit_fast)
-    teachers.load_teacher("toy", target="ring", log=None)          # fit once; later loads hit the cache
-    yield
-    mp.undo()
-
-
-def _small_figure(monkeypatch, n=2000):
-    """train.figure draws 20,000 points per panel (a 100-step teacher: ~12 s on 2 cores); fewer suffice here."""
-    monkeypatch.setattr(train, "figure", functools.partial(train.figure, n=n))
-
-
 def _png_ok(path):
     from PIL import Image
     with Image.open(path) as im:
@@ -653,9 +625,8 @@ def _png_ok(path):
         assert im.format == "PNG" and im.width > 100 and im.height > 100
 
 
-def test_cli_smoke(fast_toy_teacher, tmp_path, monkeypatch):
-    _small_figure(monkeypatch)
-    run = train.main(["--out", str(tmp_path), "--name", "smoke", "--iters", "4", "--batch", "64",
+def test_cli_smoke(fast_toy_teacher, tmp_path):
+    run = train.main(["--out", str(tmp_path), "--name", "smoke", "--iters", "4", "--batch", "64", "--figure-n", "2000",
                       "--eval-every", "2", "--eval-n", "500", "--final-eval-n", "500", "--save-every", "2"])
     assert os.path.normpath(run) == os.path.normpath(tmp_path / "smoke")
     for f in ("student.safetensors", "student.json", "ckpt.safetensors", "ckpt.json", "metrics.jsonl",
@@ -691,15 +662,13 @@ def test_cli_smoke(fast_toy_teacher, tmp_path, monkeypatch):
 # 13. Resume equals an uninterrupted run                                        #
 #################################################################################
 
-def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path, monkeypatch):
-    from PIL import Image
-    monkeypatch.setattr(train, "figure", lambda *a, **k: Image.new("RGB", (8, 8)))   # irrelevant here
+def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path):
     common = ["--out", str(tmp_path), "--batch", "32", "--eval-every", "1", "--eval-n", "200",
-              "--final-eval-n", "0", "--save-every", "100", "--unify", "1,2,4", "--ema", "0.9"]
+              "--final-eval-n", "0", "--figure-n", "0", "--save-every", "100", "--unify", "1,2,4", "--ema", "0.9"]
     straight = train.main(common + ["--name", "straight", "--iters", "6"])
     parted = train.main(common + ["--name", "parted", "--iters", "3"])
     assert train.load_checkpoint(parted)[1]["iteration"] == 3
-    train.main(["--resume", parted, "--iters", "6", "--eval-every", "1", "--eval-n", "200", "--final-eval-n", "0"])
+    train.main(["--resume", parted, "--iters", "6"])                 # the run's own eval / figure settings
     a, meta_a = train.load_checkpoint(straight)
     b, meta_b = train.load_checkpoint(parted)
     assert meta_a["iteration"] == meta_b["iteration"] == 6
