@@ -92,15 +92,23 @@ class ToyMLP(nn.Module):
         """x: (B, dim), t: (B,) timesteps in [0, 999], y: (B,) labels, K: None or (B,) step counts."""
         h = self.inp(x) + self.t_mlp(timestep_embedding(t, 128)) + self.class_emb(y)   # (B, width)
         if K is not None:
-            if self.step_emb is None:
-                raise ValueError("step count K given to a network without a step embedding; "
-                                 "build it with step_counts=... (train.py --unify does this)")
-            ks = torch.tensor(self.config["step_counts"], device=x.device)
-            idx = (K[:, None] == ks[None]).float().argmax(1)   # (B,) row of each K
-            h = h + self.step_emb(idx)
+            h = h + step_embedding(self.step_emb, self.config["step_counts"], K)
         for block in self.blocks:
             h = block(h)
         return self.out(h)
+
+
+def step_embedding(table, step_counts, K):
+    """TDM-unify (Eq. 8): the row of `table` (an nn.Embedding, one row per supported K) for each K. -> (B, D)"""
+    if table is None:
+        raise ValueError("step count K given to a network without a step embedding; build the student with "
+                         "step counts (train.py --unify does this)")
+    ks = torch.as_tensor(step_counts, device=K.device)
+    match = K[:, None] == ks[None]                                              # (B, n_K)
+    if not match.any(1).all():
+        raise ValueError(f"step count(s) {sorted(set(K[~match.any(1)].tolist()))} not supported: this student was "
+                         f"trained for K in {list(step_counts)}")
+    return table(match.float().argmax(1))                                       # (B, D)
 
 
 def toy_mlp(**kw):
@@ -365,8 +373,10 @@ class AdaLNSingle(nn.Module):
         self.emb = ConditionEmbedder(dim, micro_conditions)
         self.linear = nn.Linear(dim, 6 * dim)
 
-    def forward(self, t, resolution=None, aspect_ratio=None):
+    def forward(self, t, resolution=None, aspect_ratio=None, extra=None):
         emb = self.emb(t, resolution, aspect_ratio)               # (B, D)
+        if extra is not None:                                     # TDM-unify: the step-count embedding
+            emb = emb + extra
         return self.linear(F.silu(emb)), emb                      # (B, 6D), (B, D)
 
 
@@ -454,11 +464,22 @@ class PixArtDiT(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D ** 0.5)
         self.proj_out = nn.Linear(D, p * p * c.out_channels)
         self.register_buffer("null_caption", None, persistent=False)   # original .pth `y_embedding`, if loaded
+        self.step_emb, self.step_counts = None, []                # TDM-unify students only
 
-    def forward(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, added_cond_kwargs=None):
+    def add_step_embedding(self, step_counts):
+        """TDM-unify: a zero-initialised embedding of the step count K added to the timestep embedding (so the
+        network is unchanged until it trains); one row per supported K. Not part of the PixArt checkpoint."""
+        self.step_counts = sorted(int(k) for k in step_counts)
+        w = self.proj_out.weight
+        self.step_emb = nn.Embedding(len(self.step_counts), self.config.hidden_size, device=w.device, dtype=w.dtype)
+        nn.init.zeros_(self.step_emb.weight)
+
+    def forward(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, added_cond_kwargs=None,
+                step_count=None):
         """x: (B, C, H, W); timestep: (B,) or scalar in [0, 1000); encoder_hidden_states: (B, L, caption_channels);
         encoder_attention_mask: (B, L) tokenizer mask (1 keep, 0 pad);
-        added_cond_kwargs (1024-MS only): {'resolution': (B, 2) pixel height/width, 'aspect_ratio': (B, 1)}."""
+        added_cond_kwargs (1024-MS only): {'resolution': (B, 2) pixel height/width, 'aspect_ratio': (B, 1)};
+        step_count (TDM-unify students only): (B,) the sampler's step count K."""
         c, (B, _, H, W) = self.config, x.shape
         dtype = self.proj_out.weight.dtype                        # run in the weights' precision (bf16 base + LoRA)
         x, encoder_hidden_states = x.to(dtype), encoder_hidden_states.to(dtype)
@@ -479,7 +500,8 @@ class PixArtDiT(nn.Module):
 
         h, w = H // p, W // p
         tokens = self.pos_embed(x)                                # (B, h*w, D)
-        t6, emb = self.adaln_single(t, **cond)                    # (B, 6D), (B, D)
+        extra = None if step_count is None else step_embedding(self.step_emb, self.step_counts, step_count)
+        t6, emb = self.adaln_single(t, **cond, extra=extra)       # (B, 6D), (B, D)
         context = self.caption_projection(encoder_hidden_states)  # (B, L, D)
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -44,7 +44,7 @@ def load_run(run_dir, teacher=None, device=None):
         net = trainable_lora_views(t.network, meta["lora"], meta["lora_alpha"], names=("student",))[0]
         net.load_state_dict(state)
     else:
-        net = teachers.copy_network(t.network)
+        net = teachers.copy_network(t.network, meta.get("unify") or ())
         load_exact(net, state, f"student weights {weights!r}")
     return t, net.eval().requires_grad_(False), meta
 

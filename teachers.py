@@ -402,15 +402,13 @@ class PixArtTeacher:
         """Run a network of the teacher's architecture: eps = first 4 of its 8 output channels (the learned
         variance is discarded, as the official code's chunk(2, dim=1)[0]); x0 = (x_t - sigma_t eps) / alpha_t.
         Computed in float32, returned in x_t's dtype."""
-        if K is not None:
-            raise ValueError("step-count conditioning (TDM-unify, K) is not implemented for the PixArt DiT; "
-                             "train PixArt students with a fixed K")
         emb, mask = cond
+        extra = {} if K is None else {"step_count": K}                   # TDM-unify students only
         # Autocast per call, not around a whole training step: autocast caches the low-precision copy of each
         # trainable weight until its outermost region ends, so a forward after an optimiser step in the same
         # region would still see the old weights (a second fake update would).
         with torch.autocast(x_t.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)):
-            out = net(x_t, t, emb, mask, self._added_cond_kwargs(x_t))  # the DiT casts inputs to its own dtype
+            out = net(x_t, t, emb, mask, self._added_cond_kwargs(x_t), **extra)   # the DiT casts to its dtype
         eps = out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x_t.shape[1] else out                  # (B, 4, H, W)
         a = self.schedule.alpha(t).reshape(-1, 1, 1, 1)
         s = self.schedule.sigma(t).reshape(-1, 1, 1, 1)

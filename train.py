@@ -96,8 +96,9 @@ def parse_args(argv=None):
     if args.fake_updates < 1:
         p.error("--fake-updates must be at least 1 (the fake score must follow the student)")
     kind = "pixart" if args.teacher == "pixart" else "toy"
-    if args.unify and kind == "pixart":
-        p.error("--unify is toy-only for now: the PixArt DiT has no step-count embedding; train a fixed --steps K")
+    if args.unify and args.lora:
+        p.error("--unify needs a full fine-tune: the step-count embedding belongs to the student and the fake, "
+                "not to a shared LoRA base; drop --lora (or --unify)")
     if args.lora and kind == "toy":
         p.error("--lora is for --teacher pixart (the toy MLP is fine-tuned in full)")
     for k, v in DEFAULTS[kind].items():
@@ -364,7 +365,7 @@ def main(argv=None):
             if args.eval_every:
                 log_curve(0)
     elif main_proc:
-        preview = pixart_previewer(teacher, student, ema, prompts, args, run_dir)
+        preview = pixart_previewer(teacher, student, ema, prompts, args, run_dir, unify)
 
     t0, step_time = time.time(), 0.0          # step_time: the TDM steps alone (no previews, evals, checkpoints)
     bar = tqdm(range(start, args.iters), initial=start, total=args.iters, desc="TDM", dynamic_ncols=True,
@@ -493,9 +494,9 @@ def figure(teacher, net, args, unify, n=20000):
 #                          PixArt: previews                                     #
 #################################################################################
 
-def pixart_previewer(teacher, student, ema, prompts, args, run_dir, n=4):
+def pixart_previewer(teacher, student, ema, prompts, args, run_dir, unify=(), n=4):
     """A function it -> None saving previews/<it>.png: the first n prompts at 1 step (top) and K steps (bottom),
-    fixed noise, no CFG (as the official code's 1- and 4-step previews)."""
+    or one row per K of TDM-unify; fixed noise, no CFG (as the official code's 1- and 4-step previews)."""
     os.makedirs(os.path.join(run_dir, "previews"), exist_ok=True)
     fixed = prompts[:n]
     n = len(fixed)
@@ -505,7 +506,8 @@ def pixart_previewer(teacher, student, ema, prompts, args, run_dir, n=4):
     @torch.no_grad()
     def preview(it):
         with weights_swapped(student, ema) as net:
-            rows = [sample.student_sample(teacher, net, x_T, cond, K, args.t_max) for K in (1, args.steps)]
+            rows = [sample.student_sample(teacher, net, x_T, cond, K, args.t_max, bool(unify))
+                    for K in (unify or (1, args.steps))]
         images = teacher.decode(torch.cat(rows))
         sample.image_grid(images, cols=n).save(os.path.join(run_dir, "previews", f"{it:06d}.png"))
     return preview

@@ -420,3 +420,23 @@ def test_teacher_autocasts_per_call_so_a_step_is_seen_by_the_next_forward():
     with torch.autocast("cpu", dtype=torch.bfloat16):              # what per-call autocast avoids
         y1, y2 = before_and_after_update()
     assert torch.equal(y1, y2)                                     # stale cached bf16 weights
+
+
+def test_step_embedding_starts_as_identity_then_conditions_on_K():
+    """TDM-unify: the zero-initialised step embedding leaves the DiT's output unchanged for every supported K;
+    once it is non-zero, K changes the output; an unsupported K is an error, not a silent row 0."""
+    net = randomize(W.PixArtDiT(W.PixArtConfig(**tiny_config("512"))))
+    x, t, y, mask, _ = make_inputs("512")
+    plain = ours(net, x, t, y, mask, None)
+    net.add_step_embedding([1, 2, 4])
+    for K in (1, 2, 4):
+        assert torch.equal(ours(net, x, t, y, mask, None), plain)
+        with torch.no_grad():
+            assert torch.equal(net(x, t, y, mask, None, step_count=torch.full((2,), K)), plain)
+    with torch.no_grad():
+        net.step_emb.weight.normal_()
+        a = net(x, t, y, mask, None, step_count=torch.tensor([1, 1]))
+        b = net(x, t, y, mask, None, step_count=torch.tensor([4, 4]))
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"step count\(s\) \[3\] not supported"):
+        net(x, t, y, mask, None, step_count=torch.tensor([1, 3]))

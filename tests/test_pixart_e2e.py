@@ -103,3 +103,20 @@ def test_1024_ms_style_folder_trains_and_samples(tmp_path):
     out = str(tmp_path / "ms.png")
     sample.main(["--student", run, "--steps", "4", "--out", out, "--prompts", "a cat"])
     assert Image.open(out).size == (64, 64)
+
+
+def test_unify_student(setup):
+    """TDM-unify on the DiT: one full fine-tuned student for K in {1, 2, 4}; previews one row per K; the run
+    samples at each of them; a K it was not trained for is refused."""
+    root, folder, prompts = setup
+    run = _train(root, folder, prompts, "unify", "--iters", "2", "--unify", "1,2,4")
+    assert Image.open(os.path.join(run, "previews", "000002.png")).size == (4 * 64 + 6, 3 * 64 + 4)
+    _, net, meta = sample.load_run(run, device="cpu")
+    assert meta["unify"] == [1, 2, 4] and net.step_counts == [1, 2, 4]
+    assert net.step_emb.weight.abs().sum() > 0                            # it trained
+    for K in ("1", "4"):
+        out = str(root / f"unify{K}.png")
+        sample.main(["--student", run, "--steps", K, "--out", out, "--prompts", "a cat"])
+        assert Image.open(out).size == (64, 64)
+    with pytest.raises(ValueError, match="not supported"):
+        sample.main(["--student", run, "--steps", "3", "--out", str(root / "no.png"), "--prompts", "a cat"])

@@ -705,7 +705,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, capsys):
         train.main(["--resume", str(empty), "--iters", "2"])
     with pytest.raises(FileNotFoundError, match="student.safetensors"):
         sample.load_run(str(empty))
-    for argv, why in [(["--teacher", "pixart", "--unify", "1,2,4"], "--unify is toy-only"),
+    for argv, why in [(["--teacher", "pixart", "--unify", "1,2,4", "--lora", "4"], "--unify needs a full fine-tune"),
                       (["--lora", "4"], "--lora is for --teacher pixart"),
                       (["--fake-updates", "0"], "--fake-updates must be at least 1")]:
         with pytest.raises(SystemExit):
