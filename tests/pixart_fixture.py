@@ -42,7 +42,7 @@ WORDS = ("a photo of cat dog sitting on the red blue green chair under tree with
          "bowl fruit castle snow forest river neon street night watercolor oil old young robot").split()
 
 
-def randomize(module, seed, std=None):
+def randomize(module, seed=0, std=None):
     """Overwrite every parameter (zero-initialised ones too) with Gaussian noise (std: fixed or 1/sqrt(fan-in))."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

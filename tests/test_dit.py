@@ -13,6 +13,7 @@ from diffusers import PixArtTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 import models as W
+from pixart_fixture import randomize
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
             sample_size=8, patch_size=2, caption_channels=16, cross_attention_dim=24)
@@ -23,16 +24,6 @@ TOL = 1e-5
 
 def tiny_config(style):
     return {**TINY, **STYLES[style]}
-
-
-def randomize(module, seed=0):
-    """Overwrite every parameter (zero-initialised ones too) with scaled Gaussian noise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            std = p[0].numel() ** -0.5 if p.ndim >= 2 else 0.2
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def make_inputs(style, H=8, Wd=8, seed=1):
