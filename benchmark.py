@@ -201,6 +201,8 @@ def main(argv=None):
     p.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)   # internal: one row, print JSON
     p.add_argument("--rss-config", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.resolution != 512 and not args.full_size:
+        p.error("--resolution picks the PixArt-XL-2 config: use it with --full-size")
     if args.cpu_rss:
         return cpu_rss_table(args)
     if args.memory_only:

@@ -96,6 +96,9 @@ def parse_args(argv=None):
     if args.fake_updates < 1:
         p.error("--fake-updates must be at least 1 (the fake score must follow the student)")
     kind = "pixart" if args.teacher == "pixart" else "toy"
+    if args.importance == "exact" and kind == "pixart":
+        p.error("--importance exact is for the toy: at image sizes the true density ratio under- or overflows "
+                "(d = 16384 dimensions); use tempered (official) or off")
     if args.unify and args.lora:
         p.error("--unify needs a full fine-tune: the step-count embedding belongs to the student and the fake, "
                 "not to a shared LoRA base; drop --lora (or --unify)")
@@ -277,7 +280,12 @@ def main(argv=None):
                 "device"}
         given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
                  if a.startswith("--")}
-        args = argparse.Namespace(**{**old["args"], **{k: v for k, v in vars(args).items() if k in keep & given}})
+        saved = dict(old["args"])
+        if "no_importance" in saved:                # written before --importance replaced --no-importance
+            saved["importance"] = "off" if saved.pop("no_importance") else "tempered"
+        defaults = vars(parse_args(["--teacher", saved.get("teacher", "toy")]))   # flags added since the run
+        args = argparse.Namespace(**{**defaults, **saved,
+                                     **{k: v for k, v in vars(args).items() if k in keep & given}})
         args.out, args.name = os.path.split(os.path.normpath(args.resume))
     toy = args.teacher != "pixart"
     name = args.name or (f"toy-{os.path.splitext(os.path.basename(args.toy_target))[0]}" if toy else "pixart")
@@ -305,6 +313,8 @@ def main(argv=None):
                                             dtype=torch.bfloat16 if bf16 and args.lora else torch.float32,
                                             autocast=torch.bfloat16 if bf16 and device.type == "cuda" else None)
             teacher.prepare(prompts)            # T5 once per prompt (and ""), cached on disk and in memory
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)      # the peak reported at the end: training, not the T5 pass
         if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
             teacher.network.gradient_checkpointing = True
     student, fake = build_student_and_fake(teacher, args, unify)

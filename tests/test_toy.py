@@ -681,6 +681,22 @@ def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path):
     assert any(not torch.equal(b["student"][k], v) for k, v in fresh.state_dict().items())
 
 
+def test_resume_a_run_saved_before_newer_flags(fast_toy_teacher, tmp_path):
+    """A checkpoint whose saved settings predate --importance / --figure-n resumes: the old --no-importance
+    maps onto --importance off and the newer flags take their defaults."""
+    run = train.main(["--out", str(tmp_path), "--name", "old", "--batch", "32", "--iters", "2", "--eval-every", "0",
+                      "--final-eval-n", "0", "--figure-n", "0", "--importance", "off"])
+    path = os.path.join(run, "ckpt.json")
+    meta = json.load(open(path))
+    for k in ("importance", "figure_n"):
+        del meta["args"][k]
+    meta["args"]["no_importance"] = True
+    json.dump(meta, open(path, "w"))
+    train.main(["--resume", run, "--iters", "3", "--figure-n", "0"])
+    args = json.load(open(path))["args"]
+    assert args["importance"] == "off" and "no_importance" not in args and args["figure_n"] == 0
+
+
 #################################################################################
 # 14. Bad inputs raise with a message naming the problem                        #
 #################################################################################
@@ -706,6 +722,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="student.safetensors"):
         sample.load_run(str(empty))
     for argv, why in [(["--teacher", "pixart", "--unify", "1,2,4", "--lora", "4"], "--unify needs a full fine-tune"),
+                      (["--teacher", "pixart", "--importance", "exact"], "--importance exact is for the toy"),
                       (["--lora", "4"], "--lora is for --teacher pixart"),
                       (["--fake-updates", "0"], "--fake-updates must be at least 1")]:
         with pytest.raises(SystemExit):
