@@ -12,6 +12,7 @@ metric curve), metrics.json, figure.png, curve.png; for PixArt previews/<iterati
 """
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -36,7 +37,7 @@ DEFAULTS = dict(toy=dict(cfg=1.0, lr_fake=3e-4, batch=512, iters=2000, ema=0.995
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Distil a diffusion teacher into a K-step student with TDM.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("teacher and run")
     g.add_argument("--teacher", default="toy", choices=["toy", "toy-exact", "pixart"],
                    help="toy (MLP fitted to the target) | toy-exact (closed-form GMM) | pixart (--weights DIR)")
@@ -93,6 +94,11 @@ def parse_args(argv=None):
     g.add_argument("--preview-every", type=int, default=50, help="pixart: iterations between 1- and 4-step previews")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint interval (toy 1000, pixart 500)")
     args = p.parse_args(argv)
+    for name in ("batch", "save_every", "iters"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.figure_n < 0:
+        p.error("--figure-n must be 0 (no figure) or more")
     if args.fake_updates < 1:
         p.error("--fake-updates must be at least 1 (the fake score must follow the student)")
     kind = "pixart" if args.teacher == "pixart" else "toy"
@@ -202,7 +208,8 @@ def init_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # generous timeout: the other ranks wait while rank 0 runs T5 over a large prompt file or writes a checkpoint
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -236,7 +243,7 @@ def check_in_sync(net, world):
     both = torch.stack([c, -c]).to(next(net.parameters()).device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     if both[0] != c or -both[1] != c:
-        raise RuntimeError("data-parallel ranks out of sync: the student's weights differ between processes")
+        raise RuntimeError("data-parallel ranks out of sync: a network's weights differ between processes")
 
 
 def rng_states(device, world):
@@ -254,8 +261,7 @@ def rng_states(device, world):
 def set_rng_states(saved, device, rank, world, seed, iteration, log):
     """Restore the RNG streams of a checkpoint; if it was written by another number of processes, reseed
     (the run goes on, but not bit-exactly as an uninterrupted one would)."""
-    ranks = saved.get("rank_rng") or [dict(rng=saved["rng"], **({"cuda_rng": saved["cuda_rng"]}
-                                                               if "cuda_rng" in saved else {}))]
+    ranks = saved.get("rank_rng") or [{k: saved[k] for k in ("rng", "cuda_rng") if k in saved}]
     if len(ranks) != world:
         log(f"warning: the checkpoint was written by {len(ranks)} process(es), this run has {world}: "
             "reseeding each process; the resumed run is not bit-exact")
@@ -284,6 +290,10 @@ def main(argv=None):
         if "no_importance" in saved:                # written before --importance replaced --no-importance
             saved["importance"] = "off" if saved.pop("no_importance") else "tempered"
         defaults = vars(parse_args(["--teacher", saved.get("teacher", "toy")]))   # flags added since the run
+        if given - keep:
+            raise ValueError(f"--resume continues a run with its own settings; these cannot change on resume: "
+                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(given - keep))} (allowed: "
+                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(keep - {'resume'}))})")
         args = argparse.Namespace(**{**defaults, **saved,
                                      **{k: v for k, v in vars(args).items() if k in keep & given}})
         args.out, args.name = os.path.split(os.path.normpath(args.resume))
@@ -405,12 +415,13 @@ def main(argv=None):
             preview(done)
         if done % args.save_every == 0 or done == args.iters:
             check_in_sync(student, world)
+            check_in_sync(fake, world)
             s = state(done)                      # on every rank: it gathers their RNG states
             if main_proc:
                 save_checkpoint(run_dir, s, meta(done))
     train_time = time.time() - t0
 
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     if not main_proc:
         return run_dir

@@ -695,6 +695,8 @@ def test_resume_a_run_saved_before_newer_flags(fast_toy_teacher, tmp_path):
     train.main(["--resume", run, "--iters", "3", "--figure-n", "0"])
     args = json.load(open(path))["args"]
     assert args["importance"] == "off" and "no_importance" not in args and args["figure_n"] == 0
+    with pytest.raises(ValueError, match="cannot change on resume: --batch, --lr-fake"):
+        train.main(["--resume", run, "--iters", "4", "--batch", "8", "--lr-fake", "1e-3"])
 
 
 #################################################################################
@@ -723,6 +725,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path, capsys):
         sample.load_run(str(empty))
     for argv, why in [(["--teacher", "pixart", "--unify", "1,2,4", "--lora", "4"], "--unify needs a full fine-tune"),
                       (["--teacher", "pixart", "--importance", "exact"], "--importance exact is for the toy"),
+                      (["--batch", "0"], "--batch must be at least 1"),
+                      (["--figure-n", "-1"], "--figure-n must be 0"),
+                      (["--iter", "5"], "unrecognized arguments: --iter"),
                       (["--lora", "4"], "--lora is for --teacher pixart"),
                       (["--fake-updates", "0"], "--fake-updates must be at least 1")]:
         with pytest.raises(SystemExit):
