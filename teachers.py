@@ -338,14 +338,17 @@ class PixArtTeacher:
     """
 
     def __init__(self, folder, device=None, dtype=None, resolution=None, t5_dtype=None, vae_dtype=None,
-                 check_scheduler=True, keep_t5=False, t5_batch=8, autocast=None, log=print):
+                 check_scheduler=True, keep_t5=False, t5_batch=8, autocast="auto", log=print):
         """device: default cuda when available; dtype of the DiT (and T5/VAE unless given): default bf16 on GPU,
-        fp32 on CPU; autocast: a dtype (bf16) to run every network call under autocast, or None."""
+        fp32 on CPU; autocast: a dtype (bf16) to run every network call under autocast, None, or "auto" = bf16 on
+        GPU (fp32 trainable adapters or copies then run their matmuls in bf16 too), none on CPU."""
         folder = os.fspath(folder)
         check_layout(folder)
         check_scheduler_config(folder, strict=check_scheduler)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if autocast == "auto":
+            autocast = torch.bfloat16 if device.type == "cuda" else None
         self.folder, self.device, self.dtype = folder, device, dtype
         self.t5_dtype, self.vae_dtype = t5_dtype or dtype, vae_dtype or dtype
         self.keep_t5, self.t5_batch, self.log = keep_t5, t5_batch, log or (lambda *a: None)
