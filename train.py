@@ -323,10 +323,10 @@ def main(argv=None):
                                             dtype=torch.bfloat16 if bf16 and args.lora else torch.float32,
                                             autocast=torch.bfloat16 if bf16 and device.type == "cuda" else None)
             teacher.prepare(prompts)            # T5 once per prompt (and ""), cached on disk and in memory
+    if not toy and (args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda")):
+        teacher.network.gradient_checkpointing = True   # student and fake copies inherit it
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)      # the peak reported at the end: training, not the T5 pass
-        if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
-            teacher.network.gradient_checkpointing = True
     student, fake = build_student_and_fake(teacher, args, unify)
     if world > 1:                               # rank 0's initial weights everywhere; then each its own noise
         params = list(student.parameters()) + list(fake.parameters())

@@ -120,3 +120,20 @@ def test_unify_student(setup):
         assert Image.open(out).size == (64, 64)
     with pytest.raises(ValueError, match="not supported"):
         sample.main(["--student", run, "--steps", "3", "--out", str(root / "no.png"), "--prompts", "a cat"])
+
+
+def test_grad_checkpointing_flag_reaches_student_and_fake(setup, monkeypatch):
+    """--grad-checkpointing on applies on CPU too (auto = GPU only): the copies inherit it from the teacher's DiT."""
+    root, folder, prompts = setup
+    seen = {}
+    build = train.build_student_and_fake
+
+    def spy(teacher, args, unify):
+        student, fake = build(teacher, args, unify)
+        seen["flags"] = (student.gradient_checkpointing, fake.gradient_checkpointing)
+        return student, fake
+    monkeypatch.setattr(train, "build_student_and_fake", spy)
+    _train(root, folder, prompts, "ckpt_on", "--iters", "1", "--grad-checkpointing", "on", "--preview-every", "0")
+    assert seen["flags"] == (True, True)
+    _train(root, folder, prompts, "ckpt_auto", "--iters", "1", "--preview-every", "0")
+    assert seen["flags"] == (False, False)
