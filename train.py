@@ -246,26 +246,30 @@ def check_in_sync(net, world):
         raise RuntimeError("data-parallel ranks out of sync: a network's weights differ between processes")
 
 
+def rank_seed(seed, rank, iteration=0):
+    """The seed of one process's own noise stream (rank 0 of a fresh run keeps `seed` itself)."""
+    return seed + 1_000_003 * rank + iteration
+
+
 def rng_states(device, world):
-    """This process's RNG states; under torchrun every rank's, gathered (so a resume continues each stream)."""
+    """[the RNG states of every process] (one entry without torchrun), so a resume continues each stream."""
     s = dict(rng=torch.get_rng_state())
     if device.type == "cuda":
-        s["cuda_rng"] = torch.cuda.get_rng_state(device)
-    if world == 1:
-        return s
-    ranks = [None] * world
-    dist.all_gather_object(ranks, {k: v.cpu() for k, v in s.items()})
-    return dict(rank_rng=ranks)
+        s["cuda_rng"] = torch.cuda.get_rng_state(device).cpu()
+    ranks = [s] if world == 1 else [None] * world
+    if world > 1:
+        dist.all_gather_object(ranks, s)
+    return ranks
 
 
 def set_rng_states(saved, device, rank, world, seed, iteration, log):
     """Restore the RNG streams of a checkpoint; if it was written by another number of processes, reseed
     (the run goes on, but not bit-exactly as an uninterrupted one would)."""
-    ranks = saved.get("rank_rng") or [{k: saved[k] for k in ("rng", "cuda_rng") if k in saved}]
+    ranks = saved.get("rank_rng") or [{k: saved[k] for k in ("rng", "cuda_rng") if k in saved}]   # or older format
     if len(ranks) != world:
         log(f"warning: the checkpoint was written by {len(ranks)} process(es), this run has {world}: "
             "reseeding each process; the resumed run is not bit-exact")
-        torch.manual_seed(seed + 1_000_003 * rank + iteration)
+        torch.manual_seed(rank_seed(seed, rank, iteration))
         return
     torch.set_rng_state(ranks[rank]["rng"])
     if device.type == "cuda" and "cuda_rng" in ranks[rank]:
@@ -333,8 +337,7 @@ def main(argv=None):
         for p in params:
             dist.broadcast(p.data, 0)
         average_gradients(params, world)
-        torch.manual_seed(args.seed + 1_000_003 * rank)
-    ema = {k: v.detach().clone() for k, v in student.state_dict().items()} if args.ema > 0 else None
+        torch.manual_seed(rank_seed(args.seed, rank))
     betas = (args.beta1, args.beta2)
     lr_student = args.lr_fake / args.lr_ratio
     opt_student = torch.optim.AdamW(student.parameters(), lr=lr_student,
@@ -346,16 +349,18 @@ def main(argv=None):
                            importance=args.importance, loss=args.loss, huber_c=args.huber_c,
                            normalise=not args.no_normalise, tau_min=args.tau_min, margin=args.margin,
                            snr_clamp=args.snr_clamp, fake_updates=args.fake_updates, grad_clip=args.grad_clip)
-    start = 0
+    start, ema = 0, None                        # the student EMA: rank 0 alone saves and samples it
     if resume_state is not None:
         student.load_state_dict(resume_state["student"])
         fake.load_state_dict(resume_state["fake"])
         opt_student.load_state_dict(resume_state["opt_student"])
         opt_fake.load_state_dict(resume_state["opt_fake"])
-        ema = resume_state.get("ema")
-        ema = None if ema is None else {k: v.to(device) for k, v in ema.items()}
+        if main_proc and "ema" in resume_state:
+            ema = {k: v.to(device) for k, v in resume_state["ema"].items()}
         start = int(resume_state["iteration"])
         set_rng_states(resume_state, device, rank, world, args.seed, start, log)
+    if ema is None and args.ema > 0 and main_proc:
+        ema = {k: v.detach().clone() for k, v in student.state_dict().items()}
 
     def lr_at(i):   # generator: linear warm-up, then constant or cosine (official: cosine, 50 warm-up steps)
         warm = min(1.0, (i + 1) / max(1, args.warmup))
@@ -370,9 +375,9 @@ def main(argv=None):
                            unify=list(unify), grid=tdm.time_grid(args.steps, args.t_max), cfg=args.cfg,
                            iteration=it, args=vars(args), tdm=asdict(config))
 
-    def state(it):
+    def state(it, rank_rng):
         s = dict(student=student.state_dict(), fake=fake.state_dict(), opt_student=opt_student.state_dict(),
-                 opt_fake=opt_fake.state_dict(), iteration=torch.tensor(it), **rng_states(device, world))
+                 opt_fake=opt_fake.state_dict(), iteration=torch.tensor(it), rank_rng=rank_rng)
         if ema is not None:
             s["ema"] = ema
         return s
@@ -416,9 +421,9 @@ def main(argv=None):
         if done % args.save_every == 0 or done == args.iters:
             check_in_sync(student, world)
             check_in_sync(fake, world)
-            s = state(done)                      # on every rank: it gathers their RNG states
+            rank_rng = rng_states(device, world)          # on every rank: it gathers their RNG states
             if main_proc:
-                save_checkpoint(run_dir, s, meta(done))
+                save_checkpoint(run_dir, state(done, rank_rng), meta(done))
     train_time = time.time() - t0
 
     if dist.is_initialized():
