@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import teachers
+from pixart_fixture import PROMPTS, write_tiny_pixart
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,3 +53,12 @@ def fast_toy_teacher(tmp_path_factory):
     teachers.load_teacher("toy", target="ring", log=None)          # fit once; later loads hit the cache
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart(tmp_path_factory):
+    """(folder, prompts file): one tiny random PixArt pipeline folder (512-style) and a prompt file, per session."""
+    root = tmp_path_factory.mktemp("tiny_pixart")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return write_tiny_pixart(str(root / "PixArt-tiny")), str(prompts)

@@ -37,6 +37,8 @@ MODEL_INDEX = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.22
                "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
                "transformer": ["diffusers", "Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "an astronaut riding a horse",
+           "a watercolor city skyline", "a macro photo of a bee"]                   # training prompts for tests
 WORDS = ("a photo of cat dog sitting on the red blue green chair under tree with sunset over mountain lake "
          "astronaut riding horse in space painting by van gogh style highly detailed portrait woman man city "
          "bowl fruit castle snow forest river neon street night watercolor oil old young robot").split()

@@ -10,17 +10,9 @@ import sample
 import train
 from pixart_fixture import write_tiny_pixart
 
-PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "an astronaut riding a horse",
-           "a watercolor city skyline", "a macro photo of a bee"]
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pixart_e2e")
-    folder = write_tiny_pixart(str(root / "PixArt-tiny"))
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    return root, folder, str(prompts)
+def setup(tmp_path_factory, tiny_pixart):
+    return (tmp_path_factory.mktemp("pixart_e2e"), *tiny_pixart)
 
 
 def _train(root, folder, prompts, name, *extra):
@@ -90,13 +82,11 @@ def test_lora_bf16_base_with_few_prompts(setup):
     assert Image.open(out).size == (64, 64)
 
 
-def test_1024_ms_style_folder_trains_and_samples(tmp_path):
+def test_1024_ms_style_folder_trains_and_samples(tmp_path, tiny_pixart):
     """A 1024-MS-style folder (resolution / aspect-ratio micro-conditions, pos-embed scale 2): train (LoRA),
     resume, sample. The DiT refuses a forward without the micro-conditions, so this proves they are passed."""
     folder = write_tiny_pixart(str(tmp_path / "PixArt-tiny-ms"), ms=True)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    run = _train(tmp_path, folder, str(prompts), "ms", "--iters", "2", "--lora", "4")
+    run = _train(tmp_path, folder, tiny_pixart[1], "ms", "--iters", "2", "--lora", "4")
     train.main(["--resume", run, "--iters", "3"])
     teacher, _, meta = sample.load_run(run, device="cpu")
     assert teacher.micro_conditions and teacher.network.config.interpolation_scale == 2 and meta["iteration"] == 3
