@@ -15,7 +15,6 @@ With cfg > 1 the reference for sw2 and mmd is the teacher's 100-step CFG sampler
 """
 import argparse
 import json
-import os
 
 import torch
 
@@ -73,19 +72,14 @@ def median_radius(x, gmm, radius=4.0, nearest=None):
     return maha[on].median().item() if on.any() else float("nan")
 
 
-def mode_width(x, ref, gmm, radius=4.0):
-    """median_radius(x) / median_radius(ref): < 1 = modes narrower than the reference's. The median sees the
-    cores of the modes, not their tails (reverse-KL students narrow the cores first)."""
-    return median_radius(x, gmm, radius) / median_radius(ref, gmm, radius)
-
-
 def mean_loglik(x, gmm):
     return gmm.log_prob(x).mean().item()
 
 
 def metrics(x, ref, gmm, ref_radius=None):
     """All toy metrics of samples x against reference samples ref (same size) and the true mixture
-    (ref_radius: median_radius(ref), when the caller has it already)."""
+    (ref_radius: median_radius(ref), when the caller has it already). width = median_radius(x) / ref's:
+    < 1 = modes narrower than the reference's; the median sees the cores of the modes, not their tails."""
     nearest = _nearest_mode(x, gmm)
     ref_radius = ref_radius if ref_radius is not None else median_radius(ref, gmm)
     return dict(sw2=sliced_w2(x, ref), mmd=mmd2(x, ref), mode=mode_coverage_error(x, gmm, nearest=nearest),
@@ -116,12 +110,14 @@ def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8,
     rows = {}
     if cfg == 1.0:
         ref = teacher.gmm.sample(n, labels=labels, generator=g)[0]
-        rows["noise floor"] = metrics(gt, ref, teacher.gmm)
-        rows["ground truth"] = dict(ll=mean_loglik(gt, teacher.gmm))
+        floor = gt
     else:   # guidance sharpens the target: the reference is the teacher's own 100-step CFG sampler
         ref = teacher_samples(teacher, labels, 100, cfg, seed=seed + 7)
-        rows["noise floor"] = metrics(teacher_samples(teacher, labels, 100, cfg, seed=seed + 8), ref, teacher.gmm)
+        floor = teacher_samples(teacher, labels, 100, cfg, seed=seed + 8)
     r = median_radius(ref, teacher.gmm)
+    rows["noise floor"] = metrics(floor, ref, teacher.gmm, r)
+    if cfg == 1.0:
+        rows["ground truth"] = dict(ll=mean_loglik(gt, teacher.gmm))
     for N in teacher_steps:
         rows[f"teacher {N}"] = metrics(teacher_samples(teacher, labels, N, cfg), ref, teacher.gmm, r)
     for K in student_steps if student is not None else ():
@@ -151,13 +147,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     student, meta = (None, {})
     if a.run:
-        sidecar = os.path.join(a.run, "student.json")
-        if os.path.exists(sidecar):
-            with open(sidecar) as f:
-                if json.load(f).get("teacher") == "pixart":
-                    raise SystemExit(f"{a.run!r} is a PixArt run: eval.py computes the exact toy metrics only; "
-                                     "look at its previews/ or sample it with sample.py --student")
-        teacher, student, meta = sample.load_run(a.run, teacher=a.teacher)
+        meta = sample.read_run_meta(a.run)
+        if meta.get("teacher") == "pixart":
+            raise SystemExit(f"{a.run!r} is a PixArt run: eval.py computes the exact toy metrics only; "
+                             "look at its previews/ or sample it with sample.py --student")
+        teacher, student, meta = sample.load_run(a.run, teacher=a.teacher, meta=meta)
     else:
         import teachers
         teacher = teachers.load_teacher(a.teacher or "toy", target=a.toy_target or "ring")

@@ -21,18 +21,25 @@ from models import load_exact, read_state_dict, toy_mlp, trainable_lora_views
 #                          Loading a training run                               #
 #################################################################################
 
-def load_run(run_dir, teacher=None, device=None):
-    """(teacher, student network, meta) from a run folder written by train.py (student.safetensors + student.json).
-
-    Toy: a ToyMLP. PixArt: the teacher's DiT with the student's weights (full fine-tune), or the teacher's DiT
-    with the student LoRA adapter (a LoRAView: the teacher itself stays available with the adapter off).
-    """
+def read_run_meta(run_dir):
+    """student.json of a run folder written by train.py (checking that student.safetensors is there too)."""
     weights, sidecar = os.path.join(run_dir, "student.safetensors"), os.path.join(run_dir, "student.json")
     if not os.path.exists(sidecar) or not os.path.exists(weights):
         raise FileNotFoundError(f"{run_dir!r} has no student.safetensors + student.json; pass a run folder "
                                 "written by train.py (e.g. runs/toy-ring)")
     with open(sidecar) as f:
-        meta = json.load(f)
+        return json.load(f)
+
+
+def load_run(run_dir, teacher=None, device=None, meta=None):
+    """(teacher, student network, meta) from a run folder written by train.py (student.safetensors + student.json;
+    `meta`: its read_run_meta, when the caller has it already).
+
+    Toy: a ToyMLP. PixArt: the teacher's DiT with the student's weights (full fine-tune), or the teacher's DiT
+    with the student LoRA adapter (a LoRAView: the teacher itself stays available with the adapter off).
+    """
+    meta = meta or read_run_meta(run_dir)
+    weights = os.path.join(run_dir, "student.safetensors")
     state = read_state_dict(weights)
     if meta["teacher"] != "pixart":
         t = teachers.load_teacher(teacher or meta["teacher"], target=meta["target"], log=None)
