@@ -800,7 +800,7 @@ def load_pixart(path, config=None, device="cpu", dtype=None):
     model = _load_into(lambda: dit_from_config(config), sd, f"PixArt transformer from {source!r}", dtype).to(device)
     if null_caption is not None:
         model.null_caption = null_caption.to(device=device, dtype=model.proj_out.weight.dtype)
-    return model.eval()
+    return model
 
 
 #################################################################################

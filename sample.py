@@ -68,9 +68,7 @@ def teacher_sample(teacher, x_T, cond, uncond, n_steps, cfg=1.0, solver="ddim"):
 
 def student_denoiser(teacher, net, K, unify=False):
     """(x_t, t, cond) -> x0_hat of a student network; under TDM-unify the step count K is its condition."""
-    if not unify:
-        return lambda x, t, c: teacher.x0(net, x, t, c, None)
-    return lambda x, t, c: teacher.x0(net, x, t, c, torch.full((len(x),), K, device=x.device))
+    return tdm.with_step_count(lambda x, t, c, k: teacher.x0(net, x, t, c, k), K, unify)
 
 
 @torch.no_grad()

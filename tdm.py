@@ -285,6 +285,14 @@ def _gather(points, k):
     return stacked[k, torch.arange(k.shape[0], device=k.device)]         # (B, ...)
 
 
+def with_step_count(net, K, unify):
+    """(x_t, t, cond, K) -> x0_hat  to  (x_t, t, cond) -> x0_hat: under TDM-unify (Eq. 8) the step count K is
+    passed as a (B,) condition, otherwise None."""
+    if not unify:
+        return lambda x, t, cond: net(x, t, cond, None)
+    return lambda x, t, cond: net(x, t, cond, torch.full((x.shape[0],), K, device=x.device, dtype=torch.long))
+
+
 def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config, x_T=None):
     """One TDM iteration: roll out the student, score its sample, update the student, then the fake score.
 
@@ -302,11 +310,7 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
     grid = time_grid(K, c.t_max)
     t_next = landing_times(grid)
 
-    def with_K(net):   # -> (x_t, t, cond) -> x0_hat
-        if not c.unify:
-            return lambda x, t, cnd: net(x, t, cnd, None)
-        return lambda x, t, cnd: net(x, t, cnd, torch.full((x.shape[0],), K, device=x.device, dtype=torch.long))
-    stu, fak = with_K(student), with_K(fake)
+    stu, fak = with_step_count(student, K, bool(c.unify)), with_step_count(fake, K, bool(c.unify))
 
     # Each sample matches one step k: the sum over i in Eq. (5) is realised by per-sample draws (Sec. 8 #10).
     # One draw and one student prediction serve both phases: the generator needs x0_hat at x_{t_k} with
