@@ -212,11 +212,20 @@ def importance_weight(eps_hat, z, schedule, t_m, tau, exact=False):
     return torch.exp(-0.5 * m.pow(2).mean(dims) + 0.5 * z.pow(2).mean(dims))
 
 
-def fake_score_loss(f_x0, x0_hat, schedule, tau, w_is, snr_clamp=5.0):
-    """Eq. (7): mean_b[ mean_dims (f_psi(x_tau, tau) - x0_hat)^2 * min(SNR_tau, 5) * w_IS ] (Min-SNR-5 on eps)."""
+def fake_score_loss(f_x0, x0_hat, schedule, tau, w_is, snr_clamp=5.0, r_x0=None, reg=0.0):
+    """Eq. (7): mean_b[ mean_dims (f_psi(x_tau, tau) - x0_hat)^2 * min(SNR_tau, 5) * w_IS ] (Min-SNR-5 on eps).
+
+    With r_x0 (the teacher's conditional x0 at x_tau) and reg > 0, adds reg * (f - r)^2 under the same SNR
+    weight: the fake is pulled toward the teacher, as in the authors' flow-matching follow-up (0.02, no w_IS;
+    tdm-method.md Sec. 9 #5). Where student and teacher agree this only damps the fake's sampling noise.
+    """
     dims = list(range(1, f_x0.dim()))
     mse = (f_x0 - x0_hat).pow(2).mean(dims)                                   # (B,)
-    return (mse * schedule.snr(tau).clamp(max=snr_clamp) * w_is).mean()
+    omega = schedule.snr(tau).clamp(max=snr_clamp)                             # (B,)
+    loss = mse * omega * w_is
+    if reg:
+        loss = loss + reg * (f_x0 - r_x0).pow(2).mean(dims) * omega
+    return loss.mean()
 
 
 def generator_loss(x0_hat, r_cfg, f_x0, huber_c=1e-3, loss="huber", normalise=True):
@@ -264,6 +273,7 @@ class TDMConfig:
     tau_min: int = 20
     margin: int = 10
     fake_updates: int = 1            # fake-score updates per generator update (official 1)
+    fake_reg: float = 0.0            # pull the fake toward the teacher (authors' follow-up: 0.02; official 0)
     grad_clip: float = 1.0           # student only (official); <= 0 turns it off
     fake_grad_clip: float = 0.0      # official: none
 
@@ -353,7 +363,9 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
         x_tau, tau, z = diffused(t_m)
         w_is = torch.ones(B, device=device) if c.importance == "off" else \
             importance_weight(eps_sg, z, sch, t_m, tau, exact=c.importance == "exact")
-        loss_fake = fake_score_loss(fak(x_tau, tau, cond), x0_sg, sch, tau, w_is, c.snr_clamp)
+        with torch.no_grad():
+            r_x0 = teacher.denoise(x_tau, tau, cond) if c.fake_reg else None     # conditional, like the fake
+        loss_fake = fake_score_loss(fak(x_tau, tau, cond), x0_sg, sch, tau, w_is, c.snr_clamp, r_x0, c.fake_reg)
         opt_fake.zero_grad(set_to_none=True)
         loss_fake.backward()
         if c.fake_grad_clip and c.fake_grad_clip > 0:

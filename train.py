@@ -69,6 +69,8 @@ def parse_args(argv=None):
     g.add_argument("--margin", type=int, default=10, help="tau stays this far below t_g (or T) (official 10)")
     g.add_argument("--snr-clamp", type=float, default=5.0, help="fake-loss weight min(SNR, this)")
     g.add_argument("--fake-updates", type=int, default=1, help="fake-score updates per generator update")
+    g.add_argument("--fake-reg", type=float, default=0.0, help="weight of (fake - teacher)^2 in the fake loss "
+                   "(authors' follow-up 0.02; official 0)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch", type=int, default=None, help="toy 512; pixart 32 (paper)")
     g.add_argument("--lr-fake", type=float, default=None, help="fake-score lr (toy 3e-4; pixart 2e-5 official)")
@@ -348,7 +350,7 @@ def main(argv=None):
                            separate=not args.shared_interval, randmid=args.randmid,
                            importance=args.importance, loss=args.loss, huber_c=args.huber_c,
                            normalise=not args.no_normalise, tau_min=args.tau_min, margin=args.margin,
-                           snr_clamp=args.snr_clamp, fake_updates=args.fake_updates, grad_clip=args.grad_clip)
+                           snr_clamp=args.snr_clamp, fake_updates=args.fake_updates, fake_reg=args.fake_reg, grad_clip=args.grad_clip)
     start, ema = 0, None                        # the student EMA: rank 0 alone saves and samples it
     if resume_state is not None:
         student.load_state_dict(resume_state["student"])

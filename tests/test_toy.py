@@ -403,6 +403,23 @@ def test_fake_score_loss_is_min_snr_weighted_eps_mse():
     assert (snr[: B // 2] > 5).all() and (snr[B // 2:] < 5).all()     # both branches of the clamp used
 
 
+def test_fake_regulariser_moves_the_optimum_toward_the_teacher():
+    # With the pull toward the teacher, the per-sample minimiser of w (f - x0_hat)^2 + reg (f - r)^2 is the
+    # weighted mean (w x0_hat + reg r) / (w + reg): the loss's gradient in f vanishes there and nowhere else.
+    sch = tdm.Schedule()
+    g = torch.Generator().manual_seed(1)
+    x0_hat, r = torch.randn(32, 2, generator=g, dtype=torch.float64), torch.randn(32, 2, generator=g, dtype=torch.float64)
+    tau = torch.randint(20, 999, (32,), generator=g)
+    w_is = torch.rand(32, generator=g, dtype=torch.float64) + 0.5
+    f_star = ((w_is[:, None] * x0_hat + 0.3 * r) / (w_is[:, None] + 0.3)).requires_grad_(True)
+    tdm.fake_score_loss(f_star, x0_hat, sch, tau, w_is, r_x0=r, reg=0.3).backward()
+    assert f_star.grad.abs().max() < 1e-12
+    f_plain = x0_hat.clone().requires_grad_(True)          # the minimiser without the pull is not one with it
+    tdm.fake_score_loss(f_plain, x0_hat, sch, tau, w_is, r_x0=r, reg=0.3).backward()
+    assert f_plain.grad.abs().max() > 1e-3
+    assert tdm.fake_score_loss(f_plain, x0_hat, sch, tau, w_is, r_x0=r, reg=0.0) == 0   # reg 0: Eq. (7) alone
+
+
 def _gen_inputs(shape, seed=0):
     """x0_hat (with grad), r_cfg and f with |f - r_cfg| >= 0.1 element-wise, |values| < 4."""
     g = torch.Generator().manual_seed(seed)
