@@ -350,7 +350,8 @@ def main(argv=None):
                            separate=not args.shared_interval, randmid=args.randmid,
                            importance=args.importance, loss=args.loss, huber_c=args.huber_c,
                            normalise=not args.no_normalise, tau_min=args.tau_min, margin=args.margin,
-                           snr_clamp=args.snr_clamp, fake_updates=args.fake_updates, fake_reg=args.fake_reg, grad_clip=args.grad_clip)
+                           snr_clamp=args.snr_clamp, fake_updates=args.fake_updates, fake_reg=args.fake_reg,
+                           grad_clip=args.grad_clip)
     start, ema = 0, None                        # the student EMA: rank 0 alone saves and samples it
     if resume_state is not None:
         student.load_state_dict(resume_state["student"])
