@@ -217,7 +217,7 @@ def fake_score_loss(f_x0, x0_hat, schedule, tau, w_is, snr_clamp=5.0, r_x0=None,
 
     With r_x0 (the teacher's conditional x0 at x_tau) and reg > 0, adds reg * (f - r)^2 under the same SNR
     weight: the fake is pulled toward the teacher, as in the authors' flow-matching follow-up (0.02, no w_IS;
-    tdm-method.md Sec. 9 #5). Where student and teacher agree this only damps the fake's sampling noise.
+    tdm-method.md Sec. 8 #5, App. B). Where student and teacher agree this only damps the fake's sampling noise.
     """
     dims = list(range(1, f_x0.dim()))
     mse = (f_x0 - x0_hat).pow(2).mean(dims)                                   # (B,)
