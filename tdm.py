@@ -224,6 +224,8 @@ def fake_score_loss(f_x0, x0_hat, schedule, tau, w_is, snr_clamp=5.0, r_x0=None,
     omega = schedule.snr(tau).clamp(max=snr_clamp)                             # (B,)
     loss = mse * omega * w_is
     if reg:
+        if r_x0 is None:
+            raise ValueError("fake_score_loss: reg > 0 needs r_x0, the teacher's x0 prediction at x_tau")
         loss = loss + reg * (f_x0 - r_x0).pow(2).mean(dims) * omega
     return loss.mean()
 

@@ -418,6 +418,8 @@ def test_fake_regulariser_moves_the_optimum_toward_the_teacher():
     tdm.fake_score_loss(f_plain, x0_hat, sch, tau, w_is, r_x0=r, reg=0.3).backward()
     assert f_plain.grad.abs().max() > 1e-3
     assert tdm.fake_score_loss(f_plain, x0_hat, sch, tau, w_is, r_x0=r, reg=0.0) == 0   # reg 0: Eq. (7) alone
+    with pytest.raises(ValueError, match="needs r_x0"):
+        tdm.fake_score_loss(f_plain, x0_hat, sch, tau, w_is, reg=0.3)
 
 
 def _gen_inputs(shape, seed=0):
