@@ -101,6 +101,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.figure_n < 0:
         p.error("--figure-n must be 0 (no figure) or more")
+    if args.fake_reg < 0:
+        p.error("--fake-reg must be 0 (off) or more: it weights a squared distance to the teacher")
     if args.fake_updates < 1:
         p.error("--fake-updates must be at least 1 (the fake score must follow the student)")
     kind = "pixart" if args.teacher == "pixart" else "toy"

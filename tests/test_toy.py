@@ -683,7 +683,8 @@ def test_cli_smoke(fast_toy_teacher, tmp_path):
 
 def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path):
     common = ["--out", str(tmp_path), "--batch", "32", "--eval-every", "1", "--eval-n", "200",
-              "--final-eval-n", "0", "--figure-n", "0", "--save-every", "100", "--unify", "1,2,4", "--ema", "0.9"]
+              "--final-eval-n", "0", "--figure-n", "0", "--save-every", "100", "--unify", "1,2,4", "--ema", "0.9",
+              "--fake-reg", "0.02"]
     straight = train.main(common + ["--name", "straight", "--iters", "6"])
     parted = train.main(common + ["--name", "parted", "--iters", "3"])
     assert train.load_checkpoint(parted)[1]["iteration"] == 3
@@ -748,7 +749,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path, capsys):
                       (["--figure-n", "-1"], "--figure-n must be 0"),
                       (["--iter", "5"], "unrecognized arguments: --iter"),
                       (["--lora", "4"], "--lora is for --teacher pixart"),
-                      (["--fake-updates", "0"], "--fake-updates must be at least 1")]:
+                      (["--fake-updates", "0"], "--fake-updates must be at least 1"),
+                      (["--fake-reg", "-0.1"], "--fake-reg must be 0 (off) or more")]:
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert why in capsys.readouterr().err
