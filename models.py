@@ -83,10 +83,8 @@ class ToyMLP(nn.Module):
 
     def add_step_embedding(self, step_counts):
         """Add a zero-initialised embedding of the step count K (one row per supported K)."""
-        self.config["step_counts"] = sorted(int(k) for k in step_counts)
-        self.step_emb = nn.Embedding(len(step_counts), self.inp.out_features)
-        nn.init.zeros_(self.step_emb.weight)
-        self.step_emb.to(self.inp.weight.device)
+        self.config["step_counts"], self.step_emb = zero_step_embedding(step_counts, self.inp.out_features,
+                                                                        self.inp.weight)
 
     def forward(self, x, t, y, K=None):
         """x: (B, dim), t: (B,) timesteps in [0, 999], y: (B,) labels, K: None or (B,) step counts."""
@@ -96,6 +94,14 @@ class ToyMLP(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.out(h)
+
+
+def zero_step_embedding(step_counts, dim, like):
+    """TDM-unify: (sorted step counts, a zero-initialised nn.Embedding with one row per K on `like`'s device/dtype)."""
+    counts = sorted(int(k) for k in step_counts)
+    table = nn.Embedding(len(counts), dim, device=like.device, dtype=like.dtype)
+    nn.init.zeros_(table.weight)
+    return counts, table
 
 
 def step_embedding(table, step_counts, K):
@@ -469,10 +475,8 @@ class PixArtDiT(nn.Module):
     def add_step_embedding(self, step_counts):
         """TDM-unify: a zero-initialised embedding of the step count K added to the timestep embedding (so the
         network is unchanged until it trains); one row per supported K. Not part of the PixArt checkpoint."""
-        self.step_counts = sorted(int(k) for k in step_counts)
-        w = self.proj_out.weight
-        self.step_emb = nn.Embedding(len(self.step_counts), self.config.hidden_size, device=w.device, dtype=w.dtype)
-        nn.init.zeros_(self.step_emb.weight)
+        self.step_counts, self.step_emb = zero_step_embedding(step_counts, self.config.hidden_size,
+                                                              self.proj_out.weight)
 
     def forward(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, added_cond_kwargs=None,
                 step_count=None):

@@ -365,8 +365,7 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
         x_tau, tau, z = diffused(t_m)
         w_is = torch.ones(B, device=device) if c.importance == "off" else \
             importance_weight(eps_sg, z, sch, t_m, tau, exact=c.importance == "exact")
-        with torch.no_grad():
-            r_x0 = teacher.denoise(x_tau, tau, cond) if c.fake_reg else None     # conditional, like the fake
+        r_x0 = teacher.denoise(x_tau, tau, cond) if c.fake_reg else None   # no grad; conditional, like the fake
         loss_fake = fake_score_loss(fak(x_tau, tau, cond), x0_sg, sch, tau, w_is, c.snr_clamp, r_x0, c.fake_reg)
         opt_fake.zero_grad(set_to_none=True)
         loss_fake.backward()
