@@ -702,19 +702,21 @@ def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path):
 
 
 def test_resume_a_run_saved_before_newer_flags(fast_toy_teacher, tmp_path):
-    """A checkpoint whose saved settings predate --importance / --figure-n resumes: the old --no-importance
-    maps onto --importance off and the newer flags take their defaults."""
+    """A checkpoint whose saved settings predate --importance / --figure-n / --interval resumes: the old
+    --no-importance maps onto --importance off, --shared-interval onto --interval, newer flags take defaults."""
     run = train.main(["--out", str(tmp_path), "--name", "old", "--batch", "32", "--iters", "2", "--eval-every", "0",
                       "--final-eval-n", "0", "--figure-n", "0", "--importance", "off"])
     path = os.path.join(run, "ckpt.json")
     meta = json.load(open(path))
-    for k in ("importance", "figure_n"):
+    for k in ("importance", "figure_n", "interval"):
         del meta["args"][k]
     meta["args"]["no_importance"] = True
+    meta["args"]["shared_interval"] = False             # --shared-interval (store_true) before --interval
     json.dump(meta, open(path, "w"))
     train.main(["--resume", run, "--iters", "3", "--figure-n", "0"])
     args = json.load(open(path))["args"]
     assert args["importance"] == "off" and "no_importance" not in args and args["figure_n"] == 0
+    assert args["interval"] == "separate" and "shared_interval" not in args   # the old run's own interval kept
     with pytest.raises(ValueError, match="cannot change on resume: --batch, --lr-fake"):
         train.main(["--resume", run, "--iters", "4", "--batch", "8", "--lr-fake", "1e-3"])
 
@@ -722,6 +724,16 @@ def test_resume_a_run_saved_before_newer_flags(fast_toy_teacher, tmp_path):
 #################################################################################
 # 14. Bad inputs raise with a message naming the problem                        #
 #################################################################################
+
+def test_pixart_defaults_are_the_official_recipe_and_the_toy_departs_where_documented():
+    """PixArt keeps the official interval and Min-SNR-5 fake; the toy uses the shared interval and the eps-MSE fake
+    (README, "Stability"); an explicit flag wins over either."""
+    toy, pixart = train.parse_args([]), train.parse_args(["--teacher", "pixart"])
+    assert (toy.interval, toy.snr_clamp) == ("shared", 1000.0)
+    assert (pixart.interval, pixart.snr_clamp, pixart.cfg, pixart.lr_fake) == ("separate", 5.0, 4.5, 2e-5)
+    official = train.parse_args(["--interval", "separate", "--snr-clamp", "5"])
+    assert (official.interval, official.snr_clamp) == ("separate", 5.0)
+
 
 def test_bad_inputs_raise_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown toy target 'nope'"):
@@ -750,7 +762,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path, capsys):
                       (["--iter", "5"], "unrecognized arguments: --iter"),
                       (["--lora", "4"], "--lora is for --teacher pixart"),
                       (["--fake-updates", "0"], "--fake-updates must be at least 1"),
-                      (["--fake-reg", "-0.1"], "--fake-reg must be 0 (off) or more")]:
+                      (["--fake-reg", "-0.1"], "--fake-reg must be 0 (off) or more"),
+                      (["--snr-clamp", "0"], "--snr-clamp must be positive")]:
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert why in capsys.readouterr().err
