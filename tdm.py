@@ -213,7 +213,7 @@ def importance_weight(eps_hat, z, schedule, t_m, tau, exact=False):
 
 
 def fake_score_loss(f_x0, x0_hat, schedule, tau, w_is, snr_clamp=5.0, r_x0=None, reg=0.0):
-    """Eq. (7): mean_b[ mean_dims (f_psi(x_tau, tau) - x0_hat)^2 * min(SNR_tau, 5) * w_IS ] (Min-SNR-5 on eps).
+    """Eq. (7): mean_b[ mean_dims (f_psi(x_tau, tau) - x0_hat)^2 * min(SNR_tau, snr_clamp) * w_IS ] (official 5).
 
     With r_x0 (the teacher's conditional x0 at x_tau) and reg > 0, adds reg * (f - r)^2 under the same SNR
     weight: the fake is pulled toward the teacher, as in the authors' flow-matching follow-up (0.02, no w_IS;
@@ -271,7 +271,7 @@ class TDMConfig:
     loss: str = "huber"              # generator loss: "huber" (official element-wise), "huber-sample" (paper), "mse"
     huber_c: float = 1e-3
     normalise: bool = True           # DMD per-sample normaliser 1 / mean|x0_hat - r_cfg|
-    snr_clamp: float = 5.0           # omega_tau = min(SNR_tau, 5)
+    snr_clamp: float = 5.0           # omega_tau = min(SNR_tau, 5) official (train.py's toy: 1000, plain eps-MSE)
     tau_min: int = 20
     margin: int = 10
     fake_updates: int = 1            # fake-score updates per generator update (official 1)

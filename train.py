@@ -39,9 +39,15 @@ DEFAULTS = dict(toy=dict(cfg=1.0, lr_fake=3e-4, batch=512, iters=2000, ema=0.995
                             interval="separate", snr_clamp=5.0))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)', except for flags whose default depends on the teacher (None until parse_args)."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Distil a diffusion teacher into a K-step student with TDM.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=_HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("teacher and run")
     g.add_argument("--teacher", default="toy", choices=["toy", "toy-exact", "pixart"],
                    help="toy (MLP fitted to the target) | toy-exact (closed-form GMM) | pixart (--weights DIR)")
@@ -50,8 +56,8 @@ def parse_args(argv=None):
     g.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.txt"),
                    help="pixart: training prompts, one per line")
     g.add_argument("--name", default=None, help="run folder name under --out (default: toy-<target> or pixart)")
-    g.add_argument("--out", default="runs")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="runs", help="folder holding the run folders")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the run (x_T, labels or prompts, tau, noise)")
     g.add_argument("--iters", type=int, default=None, help="total iterations, also when resuming (toy 2000, pixart 500)")
     g.add_argument("--resume", default=None, help="a run folder to continue from its ckpt.safetensors")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu (the toy always runs on cpu)")
@@ -61,8 +67,8 @@ def parse_args(argv=None):
     g.add_argument("--t-max", type=int, default=899, help="first grid time: 899 official, 999 = paper's uniform grid")
     g.add_argument("--cfg", type=float, default=None, help="guidance of the teacher score (toy 1; pixart 4.5 official)")
     g.add_argument("--interval", default=None, choices=["separate", "shared"],
-                   help="diffusing interval of tau: the step's own [t_m, t_g) (official) or [t_m, T) shared by all "
-                        "steps (toy shared; pixart separate)")
+                   help="diffusing interval of tau: the step's own [t_m, t_g - margin) (official) or [t_m, t_max + 1 - "
+                        "margin) shared by all steps (toy shared; pixart separate)")
     g.add_argument("--randmid", action="store_true", help="random landing time (official --use_randmid)")
     g.add_argument("--importance", default="tempered", choices=["tempered", "exact", "off"],
                    help="fake-loss importance weight: official per-dimension tempered ratio, the exact density "
@@ -82,9 +88,9 @@ def parse_args(argv=None):
     g.add_argument("--batch", type=int, default=None, help="toy 512; pixart 32 (paper)")
     g.add_argument("--lr-fake", type=float, default=None, help="fake-score lr (toy 3e-4; pixart 2e-5 official)")
     g.add_argument("--lr-ratio", type=float, default=5.0, help="generator lr = lr-fake / this (official 5, paper 10)")
-    g.add_argument("--beta1", type=float, default=0.0)
+    g.add_argument("--beta1", type=float, default=0.0, help="Adam beta1 of both optimisers (official and paper 0)")
     g.add_argument("--beta2", type=float, default=0.95, help="official 0.95, paper 0.999")
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (official)")
     g.add_argument("--warmup", type=int, default=50, help="generator lr warm-up iterations")
     g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="generator lr after warm-up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="student grad-norm clip (fake: none, as official)")
