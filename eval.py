@@ -25,14 +25,23 @@ import sample
 #                          Metrics                                              #
 #################################################################################
 
+def sorted_projections(x, n_proj=512, seed=0):
+    """Points x (n, D) projected on n_proj fixed random unit directions, sorted per direction: (n_proj, n)."""
+    theta = torch.randn(x.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    theta = theta / theta.norm(dim=0)                                   # (D, n_proj) unit directions
+    return (theta.T @ x.double().T).sort(1).values                      # (n_proj, n)
+
+
+def sliced_w2_sorted(a, pb, seed=0):
+    """Sliced W2 of points a to a reference given by its sorted_projections pb (sorted once, reused per sampler)."""
+    pa = sorted_projections(a[:pb.shape[1]], pb.shape[0], seed)
+    return (pa - pb).pow(2).mean().sqrt().item()
+
+
 def sliced_w2(a, b, n_proj=512, seed=0):
     """Sliced W2 between equal-size point sets (n, D): sqrt(mean over directions of 1-D W2^2)."""
     n = min(len(a), len(b))
-    theta = torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    theta = theta / theta.norm(dim=0)                                   # (D, n_proj) unit directions
-    pa = (theta.T @ a[:n].double().T).sort(1).values                    # (n_proj, n), sorted per direction
-    pb = (theta.T @ b[:n].double().T).sort(1).values
-    return (pa - pb).pow(2).mean().sqrt().item()
+    return sliced_w2_sorted(a[:n], sorted_projections(b[:n], n_proj, seed), seed)
 
 
 def mmd2(a, b, bandwidths=(0.05, 0.2, 1.0), n=2000):
@@ -76,13 +85,15 @@ def mean_loglik(x, gmm):
     return gmm.log_prob(x).mean().item()
 
 
-def metrics(x, ref, gmm, ref_radius=None):
+def metrics(x, ref, gmm, ref_radius=None, ref_sorted=None):
     """All toy metrics of samples x against reference samples ref (same size) and the true mixture
-    (ref_radius: median_radius(ref), when the caller has it already). width = median_radius(x) / ref's:
-    < 1 = modes narrower than the reference's; the median sees the cores of the modes, not their tails."""
+    (ref_radius, ref_sorted: median_radius(ref) and sorted_projections(ref), when the caller has them already).
+    width = median_radius(x) / ref's: < 1 = modes narrower than the reference's; the median sees the cores of
+    the modes, not their tails."""
     nearest = _nearest_mode(x, gmm)
     ref_radius = ref_radius if ref_radius is not None else median_radius(ref, gmm)
-    return dict(sw2=sliced_w2(x, ref), mmd=mmd2(x, ref), mode=mode_coverage_error(x, gmm, nearest=nearest),
+    sw2 = sliced_w2_sorted(x, ref_sorted) if ref_sorted is not None else sliced_w2(x, ref)
+    return dict(sw2=sw2, mmd=mmd2(x, ref), mode=mode_coverage_error(x, gmm, nearest=nearest),
                 width=median_radius(x, gmm, nearest=nearest) / ref_radius, ll=mean_loglik(x, gmm))
 
 
@@ -114,14 +125,15 @@ def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8,
     else:   # guidance sharpens the target: the reference is the teacher's own 100-step CFG sampler
         ref = teacher_samples(teacher, labels, 100, cfg, seed=seed + 7)
         floor = teacher_samples(teacher, labels, 100, cfg, seed=seed + 8)
-    r = median_radius(ref, teacher.gmm)
-    rows["noise floor"] = metrics(floor, ref, teacher.gmm, r)
+    r, ps = median_radius(ref, teacher.gmm), sorted_projections(ref)     # the reference's, computed once
+    rows["noise floor"] = metrics(floor, ref, teacher.gmm, r, ps)
     if cfg == 1.0:
         rows["ground truth"] = dict(ll=mean_loglik(gt, teacher.gmm))
     for N in teacher_steps:
-        rows[f"teacher {N}"] = metrics(teacher_samples(teacher, labels, N, cfg), ref, teacher.gmm, r)
+        rows[f"teacher {N}"] = metrics(teacher_samples(teacher, labels, N, cfg), ref, teacher.gmm, r, ps)
     for K in student_steps if student is not None else ():
-        rows[f"student {K}"] = metrics(student_samples(teacher, student, labels, K, t_max, unify), ref, teacher.gmm, r)
+        x = student_samples(teacher, student, labels, K, t_max, unify)
+        rows[f"student {K}"] = metrics(x, ref, teacher.gmm, r, ps)
     return rows
 
 

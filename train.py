@@ -474,16 +474,18 @@ def toy_curve_logger(teacher, student, ema, args, unify, run_dir):
     labels = teacher.sample_labels(args.eval_n, torch.Generator().manual_seed(123))
     ref = teacher.gmm.sample(args.eval_n, labels=labels, generator=torch.Generator().manual_seed(124))[0] \
         if args.cfg == 1.0 else ev.teacher_samples(teacher, labels, 100, args.cfg, seed=125)
+    ref_sorted = ev.sorted_projections(ref)                    # sorted once for every curve point
 
     def log(it):
         row = {"iteration": it}
         if it == 0:
             for N in (4, 100):
-                row[f"teacher_sw2_{N}"] = ev.sliced_w2(ev.teacher_samples(teacher, labels, N, args.cfg), ref)
+                row[f"teacher_sw2_{N}"] = ev.sliced_w2_sorted(ev.teacher_samples(teacher, labels, N, args.cfg),
+                                                              ref_sorted)
         with weights_swapped(student, ema) as net:
             for K in (unify or (args.steps,)):
                 x = ev.student_samples(teacher, net, labels, K, args.t_max, bool(unify))
-                row[f"sw2_{K}"] = ev.sliced_w2(x, ref)
+                row[f"sw2_{K}"] = ev.sliced_w2_sorted(x, ref_sorted)
                 row[f"mode_{K}"] = ev.mode_coverage_error(x, teacher.gmm)
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
