@@ -25,23 +25,23 @@ import sample
 #                          Metrics                                              #
 #################################################################################
 
-def sorted_projections(x, n_proj=512, seed=0):
-    """Points x (n, D) projected on n_proj fixed random unit directions, sorted per direction: (n_proj, n)."""
-    theta = torch.randn(x.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def sorted_projections(x, n_proj=512):
+    """Points x (n, D) projected on n_proj fixed random unit directions (seed 0), sorted per direction: (n_proj, n)."""
+    theta = torch.randn(x.shape[1], n_proj, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     theta = theta / theta.norm(dim=0)                                   # (D, n_proj) unit directions
     return (theta.T @ x.double().T).sort(1).values                      # (n_proj, n)
 
 
-def sliced_w2_sorted(a, pb, seed=0):
+def sliced_w2_sorted(a, pb):
     """Sliced W2 of points a to a reference given by its sorted_projections pb (sorted once, reused per sampler)."""
-    pa = sorted_projections(a[:pb.shape[1]], pb.shape[0], seed)
+    pa = sorted_projections(a[:pb.shape[1]], pb.shape[0])
     return (pa - pb).pow(2).mean().sqrt().item()
 
 
-def sliced_w2(a, b, n_proj=512, seed=0):
+def sliced_w2(a, b, n_proj=512):
     """Sliced W2 between equal-size point sets (n, D): sqrt(mean over directions of 1-D W2^2)."""
     n = min(len(a), len(b))
-    return sliced_w2_sorted(a[:n], sorted_projections(b[:n], n_proj, seed), seed)
+    return sliced_w2_sorted(a[:n], sorted_projections(b[:n], n_proj))
 
 
 def mmd2(a, b, bandwidths=(0.05, 0.2, 1.0), n=2000):
@@ -85,15 +85,14 @@ def mean_loglik(x, gmm):
     return gmm.log_prob(x).mean().item()
 
 
-def metrics(x, ref, gmm, ref_radius=None, ref_sorted=None):
-    """All toy metrics of samples x against reference samples ref (same size) and the true mixture
-    (ref_radius, ref_sorted: median_radius(ref) and sorted_projections(ref), when the caller has them already).
+def metrics(x, ref, gmm, ref_radius, ref_sorted):
+    """All toy metrics of samples x against reference samples ref (same size) and the true mixture; ref_radius and
+    ref_sorted are median_radius(ref) and sorted_projections(ref), computed once per reference by the caller.
     width = median_radius(x) / ref's: < 1 = modes narrower than the reference's; the median sees the cores of
     the modes, not their tails."""
     nearest = _nearest_mode(x, gmm)
-    ref_radius = ref_radius if ref_radius is not None else median_radius(ref, gmm)
-    sw2 = sliced_w2_sorted(x, ref_sorted) if ref_sorted is not None else sliced_w2(x, ref)
-    return dict(sw2=sw2, mmd=mmd2(x, ref), mode=mode_coverage_error(x, gmm, nearest=nearest),
+    return dict(sw2=sliced_w2_sorted(x, ref_sorted), mmd=mmd2(x, ref),
+                mode=mode_coverage_error(x, gmm, nearest=nearest),
                 width=median_radius(x, gmm, nearest=nearest) / ref_radius, ll=mean_loglik(x, gmm))
 
 
