@@ -33,8 +33,12 @@ def sorted_projections(x, n_proj=512):
 
 
 def sliced_w2_sorted(a, pb):
-    """Sliced W2 of points a to a reference given by its sorted_projections pb (sorted once, reused per sampler)."""
-    pa = sorted_projections(a[:pb.shape[1]], pb.shape[0])
+    """Sliced W2 of points a to a reference given by its sorted_projections pb (sorted once, reused per sampler);
+    a needs at least as many points as the reference (its first n are used)."""
+    n = pb.shape[1]
+    if len(a) < n:
+        raise ValueError(f"sliced_w2_sorted: {len(a)} samples against a reference of {n}; draw at least as many")
+    pa = sorted_projections(a[:n], pb.shape[0])
     return (pa - pb).pow(2).mean().sqrt().item()
 
 

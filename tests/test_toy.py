@@ -228,6 +228,10 @@ def test_many_step_ddim_with_exact_teacher_reproduces_target():
     assert sw2[100] < 2 * floor, (sw2, floor)
     # contrast: a 4-step DDIM sampler is far off (~0.08 = 6 floors); the test can tell them apart
     assert sw2[4] > 4 * floor, (sw2, floor)
+    # the reference sorted once gives the same number, and too few samples are refused rather than compared
+    assert ev.sliced_w2_sorted(x_T, ev.sorted_projections(gt)) == ev.sliced_w2(x_T, gt)
+    with pytest.raises(ValueError, match="1999 samples against a reference of 2000"):
+        ev.sliced_w2_sorted(x_T[:-1], ev.sorted_projections(gt))
 
 
 #################################################################################
