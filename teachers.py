@@ -166,6 +166,14 @@ class ToyTeacher:
         self.schedule = tdm.Schedule("linear", 1e-4, 0.02)
         self.sample_shape = (gmm.dim,)
         self.n_classes = gmm.n_classes
+        self.device = torch.device("cpu") if network is None else next(network.parameters()).device
+
+    def to(self, device):
+        """Move the network (and the conditions it hands out) to `device`; the GMM stays on the CPU."""
+        self.device = torch.device(device)
+        if self.network is not None:
+            self.network.to(self.device)
+        return self
 
     def x0(self, net, x_t, t, cond, K=None):
         """Run a network of the teacher's architecture and convert its prediction (eps or v) to x0."""
@@ -175,15 +183,16 @@ class ToyTeacher:
 
     @torch.no_grad()
     def denoise(self, x_t, t, cond):
-        if self.exact:
-            return self.gmm.denoise(x_t, self.schedule.alpha(t), self.schedule.sigma(t), cond)
+        if self.exact:      # the closed form runs in float64 on the CPU
+            x0 = self.gmm.denoise(x_t.cpu(), self.schedule.alpha(t.cpu()), self.schedule.sigma(t.cpu()), cond.cpu())
+            return x0.to(x_t.device)
         return self.x0(self.network, x_t, t, cond)
 
     def encode(self, labels):
-        return torch.as_tensor(labels, dtype=torch.long)
+        return torch.as_tensor(labels, dtype=torch.long).to(self.device)
 
     def uncond(self, n):
-        return torch.full((n,), self.n_classes, dtype=torch.long)
+        return torch.full((n,), self.n_classes, dtype=torch.long, device=self.device)
 
     def sample_labels(self, n, generator=None):
         return torch.multinomial(self.gmm.class_prior(), n, replacement=True, generator=generator)

@@ -60,7 +60,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="random seed of the run (x_T, labels or prompts, tau, noise)")
     g.add_argument("--iters", type=int, default=None, help="total iterations, also when resuming (toy 2000, pixart 500)")
     g.add_argument("--resume", default=None, help="a run folder to continue from its ckpt.safetensors")
-    g.add_argument("--device", default=None, help="default: cuda when available, else cpu (the toy always runs on cpu)")
+    g.add_argument("--device", default=None, help="pixart: default cuda when available, else cpu; the toy: default "
+                   "cpu (cuda pays off at large --batch, e.g. 16384)")
     g = p.add_argument_group("TDM (tdm-method.md Sec. 8; defaults = official code unless noted)")
     g.add_argument("--steps", type=int, default=4, help="student steps K")
     g.add_argument("--unify", default="", help="TDM-unify: step counts to support, e.g. 1,2,4 (K drawn per batch)")
@@ -327,7 +328,8 @@ def main(argv=None):
     run_dir = os.path.join(args.out or ".", name)
     os.makedirs(run_dir, exist_ok=True)
     unify = tuple(int(k) for k in args.unify.split(",") if k) if args.unify else ()
-    device = torch.device("cpu" if toy else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # The toy runs on the CPU unless --device is given (its README numbers are CPU runs); pixart on cuda if any.
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not toy else "cpu"))
     rank, world, device = init_distributed(device)
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} is the global batch: it must divide by the {world} processes")
@@ -340,7 +342,7 @@ def main(argv=None):
     # Teacher, student and fake score.
     with rank0_first(rank, world):
         if toy:
-            teacher = teachers.load_teacher(args.teacher, target=args.toy_target, log=log)
+            teacher = teachers.load_teacher(args.teacher, target=args.toy_target, log=log).to(device)
             prompts = None
         else:
             prompts = teachers.read_prompts(args.prompts)
@@ -533,10 +535,11 @@ def figure(teacher, net, args, unify, n=20000):
         x = ev.student_samples(teacher, net, labels, K, args.t_max, bool(unify))
         panels.append(sample.scatter_panel(x, labels, title=f"TDM student {K} step{'s' * (K > 1)}"))
     K = args.steps if not unify else max(unify)
-    xs, x0s, _ = tdm.rollout(sample.student_denoiser(teacher, net, K, bool(unify)),
-                             torch.randn(n, 2, generator=torch.Generator().manual_seed(9)), labels,
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(9)).to(teacher.device)
+    xs, x0s, _ = tdm.rollout(sample.student_denoiser(teacher, net, K, bool(unify)), x_T, teacher.encode(labels),
                              teacher.schedule, tdm.time_grid(K, args.t_max))
-    panels.append(sample.trajectory_panel(xs + [x0s[-1]], labels, title=f"student trajectory ({K} steps)"))
+    panels.append(sample.trajectory_panel([x.cpu() for x in xs + [x0s[-1]]], labels,
+                                          title=f"student trajectory ({K} steps)"))
     return sample.hstack(panels)
 
 

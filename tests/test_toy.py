@@ -648,9 +648,12 @@ def _png_ok(path):
         assert im.format == "PNG" and im.width > 100 and im.height > 100
 
 
-def test_cli_smoke(fast_toy_teacher, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_cli_smoke(fast_toy_teacher, tmp_path, device):
     run = train.main(["--out", str(tmp_path), "--name", "smoke", "--iters", "4", "--batch", "64", "--figure-n", "2000",
-                      "--eval-every", "2", "--eval-n", "500", "--final-eval-n", "500", "--save-every", "2"])
+                      "--eval-every", "2", "--eval-n", "500", "--final-eval-n", "500", "--save-every", "2",
+                      "--device", device])
     assert os.path.normpath(run) == os.path.normpath(tmp_path / "smoke")
     for f in ("student.safetensors", "student.json", "ckpt.safetensors", "ckpt.json", "metrics.jsonl",
               "metrics.json", "figure.png"):
