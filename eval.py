@@ -111,13 +111,15 @@ def _noise_and_labels(teacher, labels, seed):
 
 
 def teacher_samples(teacher, labels, n_steps, cfg=1.0, seed=1):
-    """The teacher's N-step deterministic DDIM sampler (grid from t = 999, trailing spacing), with CFG; on the CPU."""
+    """The teacher's N-step deterministic DDIM sampler (grid from t = 999, trailing spacing), with CFG. Runs on
+    teacher.device; returns CPU tensors."""
     x_T, cond = _noise_and_labels(teacher, labels, seed)
     return sample.teacher_sample(teacher, x_T, cond, teacher.uncond(len(labels)), n_steps, cfg).cpu()
 
 
 def student_samples(teacher, net, labels, K, t_max=899, unify=False, seed=1):
-    """The student's K-step sampler on its own grid (no CFG); K is given as a condition when unify; on the CPU."""
+    """The student's K-step sampler on its own grid (no CFG); K is given as a condition when unify. Runs on
+    teacher.device; returns CPU tensors."""
     x_T, cond = _noise_and_labels(teacher, labels, seed)
     return sample.student_sample(teacher, net, x_T, cond, K, t_max, unify).cpu()
 

@@ -4,7 +4,7 @@ Toy: Gaussian-mixture targets whose denoiser is exact (`GMM.denoise`), and a toy
 either that exact denoiser or an MLP fitted to the target by denoising score matching (cached).
 PixArt-α: the hand-written DiT, T5 and VAE from models.py on a diffusers-layout folder.
 Interface used by tdm.py / train.py: `schedule`, `sample_shape`, `network`, `denoise(x_t, t, cond)`,
-`x0(net, x_t, t, cond, K)`, `encode(labels or prompts)`, `uncond(n)`, `decode(x0)`.
+`x0(net, x_t, t, cond, K)`, `encode(labels or prompts)`, `uncond(n)`, `decode(x0)`, `device`.
 """
 import copy
 import hashlib
@@ -157,8 +157,9 @@ def load_target(name):
 class ToyTeacher:
     """A class-conditional 2-D teacher: the exact GMM denoiser, or an MLP fitted to the GMM.
 
-    `network` (an eps-prediction ToyMLP) is what student and fake are initialised from in both cases.
-    Labels are the condition; label `n_classes` is the null class used for CFG.
+    `network` (a ToyMLP, v-prediction by default) is what student and fake are initialised from in both cases.
+    Labels are the condition; label `n_classes` is the null class used for CFG. `.to(device)` moves the
+    network; `encode` / `uncond` then hand out conditions on that device.
     """
 
     def __init__(self, gmm, network, exact=False, prediction="v"):

@@ -61,7 +61,7 @@ def parse_args(argv=None):
     g.add_argument("--iters", type=int, default=None, help="total iterations, also when resuming (toy 2000, pixart 500)")
     g.add_argument("--resume", default=None, help="a run folder to continue from its ckpt.safetensors")
     g.add_argument("--device", default=None, help="pixart: default cuda when available, else cpu; the toy: default "
-                   "cpu (cuda pays off at large --batch, e.g. 16384)")
+                   "cpu (cuda pays off at large --batch, e.g. 16384, with the fitted teacher)")
     g = p.add_argument_group("TDM (tdm-method.md Sec. 8; defaults = official code unless noted)")
     g.add_argument("--steps", type=int, default=4, help="student steps K")
     g.add_argument("--unify", default="", help="TDM-unify: step counts to support, e.g. 1,2,4 (K drawn per batch)")
@@ -100,8 +100,9 @@ def parse_args(argv=None):
     g.add_argument("--lora", type=int, default=0, help="pixart: LoRA rank for student and fake on one shared frozen "
                    "base (0 = full fine-tune of two copies)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on GPU")
-    g.add_argument("--grad-checkpointing", default="auto", choices=["auto", "on", "off"], help="auto: on for GPU")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="pixart: auto = bf16 autocast on GPU (the toy always runs in fp32)")
+    g.add_argument("--grad-checkpointing", default="auto", choices=["auto", "on", "off"], help="pixart: auto = on for GPU")
     g = p.add_argument_group("logging")
     g.add_argument("--eval-every", type=int, default=200, help="toy: iterations between metric-curve points (0 = off)")
     g.add_argument("--eval-n", type=int, default=20000, help="toy: samples per curve point")
@@ -284,13 +285,16 @@ def rng_states(device, world):
 
 def set_rng_states(saved, device, rank, world, seed, iteration, log):
     """Restore the RNG streams of a checkpoint; if it was written by another number of processes, reseed
-    (the run goes on, but not bit-exactly as an uninterrupted one would)."""
+    (the run goes on, but not bit-exactly as an uninterrupted one would; likewise on another device type)."""
     ranks = saved.get("rank_rng") or [{k: saved[k] for k in ("rng", "cuda_rng") if k in saved}]   # or older format
     if len(ranks) != world:
         log(f"warning: the checkpoint was written by {len(ranks)} process(es), this run has {world}: "
             "reseeding each process; the resumed run is not bit-exact")
         torch.manual_seed(rank_seed(seed, rank, iteration))
         return
+    if ("cuda_rng" in ranks[rank]) != (device.type == "cuda"):
+        log(f"warning: the checkpoint was written on {'cuda' if 'cuda_rng' in ranks[rank] else 'cpu'}, this run is on "
+            f"{device.type}: its noise comes from another generator; the resumed run is not bit-exact")
     torch.set_rng_state(ranks[rank]["rng"])
     if device.type == "cuda" and "cuda_rng" in ranks[rank]:
         torch.cuda.set_rng_state(ranks[rank]["cuda_rng"], device)
@@ -328,8 +332,11 @@ def main(argv=None):
     run_dir = os.path.join(args.out or ".", name)
     os.makedirs(run_dir, exist_ok=True)
     unify = tuple(int(k) for k in args.unify.split(",") if k) if args.unify else ()
-    # The toy runs on the CPU unless --device is given (its README numbers are CPU runs); pixart on cuda if any.
+    # The toy runs on the CPU unless --device is given (cuda pays off only at large batches); pixart on cuda if any.
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not toy else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is visible to torch here; pass --device cpu "
+                         "(also to resume a run trained on a GPU)")
     rank, world, device = init_distributed(device)
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} is the global batch: it must divide by the {world} processes")

@@ -650,10 +650,11 @@ def _png_ok(path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
-def test_cli_smoke(fast_toy_teacher, tmp_path, device):
+def test_cli_smoke(fast_toy_teacher, tmp_path, device, capsys):
     run = train.main(["--out", str(tmp_path), "--name", "smoke", "--iters", "4", "--batch", "64", "--figure-n", "2000",
                       "--eval-every", "2", "--eval-n", "500", "--final-eval-n", "500", "--save-every", "2",
                       "--device", device])
+    assert ("peak GPU memory" in capsys.readouterr().out) == (device == "cuda")     # it trained where asked
     assert os.path.normpath(run) == os.path.normpath(tmp_path / "smoke")
     for f in ("student.safetensors", "student.json", "ckpt.safetensors", "ckpt.json", "metrics.jsonl",
               "metrics.json", "figure.png"):
@@ -706,6 +707,19 @@ def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path):
     # and training did change the student (so equality is not trivial)
     fresh = teachers.copy_network(teachers.load_teacher("toy", target="ring", log=None).network, (1, 2, 4))
     assert any(not torch.equal(b["student"][k], v) for k, v in fresh.state_dict().items())
+
+
+def test_resume_on_another_device_type_warns():
+    """A checkpoint written on a GPU (it holds a CUDA generator state) resumed on the CPU: the CPU stream is
+    restored, and the log says the run is not bit-exact; a CPU checkpoint on the CPU restores silently."""
+    state = torch.get_rng_state()
+    logged = []
+    train.set_rng_states({"rank_rng": [{"rng": state, "cuda_rng": torch.zeros(16, dtype=torch.uint8)}]},
+                         torch.device("cpu"), 0, 1, 0, 10, logged.append)
+    assert len(logged) == 1 and "written on cuda, this run is on cpu" in logged[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    train.set_rng_states({"rank_rng": [{"rng": state}]}, torch.device("cpu"), 0, 1, 0, 10, logged.append)
+    assert len(logged) == 1
 
 
 def test_resume_a_run_saved_before_newer_flags(fast_toy_teacher, tmp_path):
@@ -762,6 +776,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path, capsys):
         train.main(["--resume", str(empty), "--iters", "2"])
     with pytest.raises(FileNotFoundError, match="student.safetensors"):
         sample.load_run(str(empty))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible to torch here; pass --device cpu"):
+            train.main(["--out", str(tmp_path), "--device", "cuda", "--iters", "1"])
     for argv, why in [(["--teacher", "pixart", "--unify", "1,2,4", "--lora", "4"], "--unify needs a full fine-tune"),
                       (["--teacher", "pixart", "--importance", "exact"], "--importance exact is for the toy"),
                       (["--batch", "0"], "--batch must be at least 1"),
