@@ -104,7 +104,7 @@ def metrics(x, ref, gmm, ref_radius, ref_sorted):
 #                          Evaluating teachers and students                     #
 #################################################################################
 
-def _noise_and_labels(teacher, labels, seed):
+def noise_and_labels(teacher, labels, seed):
     """Fixed x_T (drawn on the CPU, so every device sees the same) and the labels, on the teacher's device."""
     x_T = torch.randn((len(labels), *teacher.sample_shape), generator=torch.Generator().manual_seed(seed))
     return x_T.to(teacher.device), teacher.encode(labels)
@@ -113,14 +113,14 @@ def _noise_and_labels(teacher, labels, seed):
 def teacher_samples(teacher, labels, n_steps, cfg=1.0, seed=1):
     """The teacher's N-step deterministic DDIM sampler (grid from t = 999, trailing spacing), with CFG. Runs on
     teacher.device; returns CPU tensors."""
-    x_T, cond = _noise_and_labels(teacher, labels, seed)
+    x_T, cond = noise_and_labels(teacher, labels, seed)
     return sample.teacher_sample(teacher, x_T, cond, teacher.uncond(len(labels)), n_steps, cfg).cpu()
 
 
 def student_samples(teacher, net, labels, K, t_max=899, unify=False, seed=1):
     """The student's K-step sampler on its own grid (no CFG); K is given as a condition when unify. Runs on
     teacher.device; returns CPU tensors."""
-    x_T, cond = _noise_and_labels(teacher, labels, seed)
+    x_T, cond = noise_and_labels(teacher, labels, seed)
     return sample.student_sample(teacher, net, x_T, cond, K, t_max, unify).cpu()
 
 

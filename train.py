@@ -530,6 +530,7 @@ def curve(metrics_path):
     return sample.line_plot(series, title="sliced W2 to the reference (lower is better)", ylabel="SW2", log_y=True)
 
 
+@torch.no_grad()
 def figure(teacher, net, args, unify, n=20000):
     """ground truth | teacher 100-step | teacher 4-step DDIM | student 1/2/4 steps | the student's trajectory."""
     labels = teacher.sample_labels(n, torch.Generator().manual_seed(7))
@@ -542,8 +543,8 @@ def figure(teacher, net, args, unify, n=20000):
         x = ev.student_samples(teacher, net, labels, K, args.t_max, bool(unify))
         panels.append(sample.scatter_panel(x, labels, title=f"TDM student {K} step{'s' * (K > 1)}"))
     K = args.steps if not unify else max(unify)
-    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(9)).to(teacher.device)
-    xs, x0s, _ = tdm.rollout(sample.student_denoiser(teacher, net, K, bool(unify)), x_T, teacher.encode(labels),
+    x_T, cond = ev.noise_and_labels(teacher, labels, seed=9)
+    xs, x0s, _ = tdm.rollout(sample.student_denoiser(teacher, net, K, bool(unify)), x_T, cond,
                              teacher.schedule, tdm.time_grid(K, args.t_max))
     panels.append(sample.trajectory_panel([x.cpu() for x in xs + [x0s[-1]]], labels,
                                           title=f"student trajectory ({K} steps)"))
