@@ -126,7 +126,8 @@ def student_samples(teacher, net, labels, K, t_max=899, unify=False, seed=1):
 
 def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8, 100), student_steps=(1, 2, 4),
              t_max=899, unify=False, seed=0):
-    """{row name: metrics}. Rows: 'noise floor', 'teacher N', 'student K'. Same labels for every sampler."""
+    """{row name: metrics}. Rows: 'noise floor', 'teacher N', 'student K'. Same labels and x_T for every sampler;
+    `seed` draws them (and the reference), so another seed is an independent evaluation."""
     g = torch.Generator().manual_seed(seed)
     gt, labels = teacher.gmm.sample(n, generator=g)
     rows = {}
@@ -141,9 +142,9 @@ def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8,
     if cfg == 1.0:
         rows["ground truth"] = dict(ll=mean_loglik(gt, teacher.gmm))
     for N in teacher_steps:
-        rows[f"teacher {N}"] = metrics(teacher_samples(teacher, labels, N, cfg), ref, teacher.gmm, r, ps)
+        rows[f"teacher {N}"] = metrics(teacher_samples(teacher, labels, N, cfg, seed=seed + 1), ref, teacher.gmm, r, ps)
     for K in student_steps if student is not None else ():
-        x = student_samples(teacher, student, labels, K, t_max, unify)
+        x = student_samples(teacher, student, labels, K, t_max, unify, seed=seed + 1)
         rows[f"student {K}"] = metrics(x, ref, teacher.gmm, r, ps)
     return rows
 
@@ -166,6 +167,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=50000, help="samples per sampler")
     p.add_argument("--teacher-steps", default="1,2,4,8,100")
     p.add_argument("--student-steps", default="1,2,4")
+    p.add_argument("--seed", type=int, default=0, help="draws labels, reference and x_T; another seed = an "
+                   "independent evaluation (train.py's final table uses 0)")
     p.add_argument("--json", default=None, help="also write the table to this JSON file")
     a = p.parse_args(argv)
     student, meta = (None, {})
@@ -182,12 +185,13 @@ def main(argv=None):
     rows = evaluate(teacher, student, n=a.n, cfg=cfg,
                     teacher_steps=[int(s) for s in a.teacher_steps.split(",") if s],
                     student_steps=[int(s) for s in a.student_steps.split(",") if s],
-                    t_max=meta.get("t_max", 899), unify=bool(meta.get("unify")))
-    print(f"target {teacher.gmm.name!r}, teacher {'exact' if teacher.exact else 'MLP'}, cfg {cfg}, n {a.n}")
+                    t_max=meta.get("t_max", 899), unify=bool(meta.get("unify")), seed=a.seed)
+    print(f"target {teacher.gmm.name!r}, teacher {'exact' if teacher.exact else 'MLP'}, cfg {cfg}, n {a.n}, "
+          f"seed {a.seed}")
     print(format_table(rows))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(cfg=cfg, n=a.n, target=teacher.gmm.name, rows=rows), f, indent=1)
+            json.dump(dict(cfg=cfg, n=a.n, seed=a.seed, target=teacher.gmm.name, rows=rows), f, indent=1)
     return rows
 
 

@@ -650,7 +650,7 @@ def _png_ok(path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
-def test_cli_smoke(fast_toy_teacher, tmp_path, device, capsys):
+def test_cli_smoke(fast_toy_teacher, tmp_path, device, capsys, monkeypatch):
     run = train.main(["--out", str(tmp_path), "--name", "smoke", "--iters", "4", "--batch", "64", "--figure-n", "2000",
                       "--eval-every", "2", "--eval-n", "500", "--final-eval-n", "500", "--save-every", "2",
                       "--device", device])
@@ -683,6 +683,13 @@ def test_cli_smoke(fast_toy_teacher, tmp_path, device, capsys):
     assert got["n"] == 500 and got["target"] == "ring"
     assert all(math.isfinite(v) for row in got["rows"].values() for k, v in row.items()
                if not (k == "width" and row["mode"] == 1.0))       # no sample on a mode: width undefined (NaN)
+    # --seed: 0 is the default evaluation; another seed draws new labels, reference and x_T for every sampler
+    args = [run, "--n", "500", "--teacher-steps", "4", "--student-steps", "4"]
+    assert ev.main(args + ["--seed", "0"])["student 4"] == got["rows"]["student 4"]
+    noise_seeds, draw = [], ev.noise_and_labels
+    monkeypatch.setattr(ev, "noise_and_labels", lambda t, y, seed: noise_seeds.append(seed) or draw(t, y, seed))
+    assert ev.main(args + ["--seed", "1"])["student 4"]["sw2"] != got["rows"]["student 4"]["sw2"]
+    assert noise_seeds == [2, 2]                                        # teacher 4 and student 4, both new
 
 
 #################################################################################
