@@ -6,7 +6,7 @@
     python benchmark.py --cpu-rss                   # measured CPU peak memory, full vs LoRA (52.8M-param DiT)
     python benchmark.py --memory-only               # computed weights+grads+AdamW of PixArt-XL-2 (meta device)
 
-The official pattern (train_tdm_demo.py, tdm-method.md Sec. 4.2) rolls out all K steps, recomputes the
+The official pattern (train_tdm_demo.py, docs/method.md §9) rolls out all K steps, recomputes the
 student prediction in the fake phase, calls the teacher there without using the result, and runs the
 conditional and unconditional teacher passes separately. Ours is tdm.tdm_step. Both are timed on the
 same networks in one run; ratios are what to read. Forwards are counted in network rows (samples).
@@ -23,8 +23,10 @@ from math import nan
 import torch
 
 import tdm
-from models import PixArtConfig, dit_from_config, pixart_xl_2_1024_ms_config, pixart_xl_2_512_config, trainable_lora_views
+from models import trainable_lora_views
+from pixart import PixArtConfig, dit_from_config, pixart_xl_2_1024_ms_config, pixart_xl_2_512_config
 from teachers import PixArtTeacher, copy_network
+from train import student_x0
 
 
 def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config):
@@ -123,7 +125,6 @@ def setup(config, device, lora, dtype, batch, autocast=None):
     else:
         student, fake = copy_network(net), copy_network(net)
         nets = [net, student, fake]
-    x0_of = lambda m: (lambda x, t, c, K: teacher.x0(m, x, t, c, K))
     opt_s = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.0, 0.95))
     opt_f = torch.optim.AdamW(fake.parameters(), lr=1e-6, betas=(0.0, 0.95))
     L = 120
@@ -131,7 +132,7 @@ def setup(config, device, lora, dtype, batch, autocast=None):
             (torch.arange(L, device=device) < 20).long().expand(batch, L).contiguous())
     uncond = (torch.randn(batch, L, config.caption_channels, device=device),
               (torch.arange(L, device=device) < 1).long().expand(batch, L).contiguous())
-    return teacher, x0_of(student), x0_of(fake), opt_s, opt_f, cond, uncond, nets
+    return teacher, student_x0(teacher, student), student_x0(teacher, fake), opt_s, opt_f, cond, uncond, nets
 
 
 def measure(step, args, config, device, lora, dtype):

@@ -3,6 +3,7 @@
     python eval.py runs/toy                 # teacher at 1/2/4/8/100 steps, student at 1/2/4 steps
     python eval.py --teacher toy-exact      # teacher only
     python eval.py runs/toy --json m.json   # also write the table as JSON
+    python eval.py runs/toy --solver dpm    # the student sampled with DPM-Solver++(2M) on its grid
 
 Metrics (each also given as its finite-sample noise floor: the same metric between two fresh
 ground-truth sample sets of the same size):
@@ -18,7 +19,8 @@ import json
 
 import torch
 
-import sample
+from sample import load_run, read_run_meta, student_samples, teacher_samples
+from teachers import TEACHERS, load_teacher
 
 
 #################################################################################
@@ -104,30 +106,11 @@ def metrics(x, ref, gmm, ref_radius, ref_sorted):
 #                          Evaluating teachers and students                     #
 #################################################################################
 
-def noise_and_labels(teacher, labels, seed):
-    """Fixed x_T (drawn on the CPU, so every device sees the same) and the labels, on the teacher's device."""
-    x_T = torch.randn((len(labels), *teacher.sample_shape), generator=torch.Generator().manual_seed(seed))
-    return x_T.to(teacher.device), teacher.encode(labels)
-
-
-def teacher_samples(teacher, labels, n_steps, cfg=1.0, seed=1):
-    """The teacher's N-step deterministic DDIM sampler (grid from t = 999, trailing spacing), with CFG. Runs on
-    teacher.device; returns CPU tensors."""
-    x_T, cond = noise_and_labels(teacher, labels, seed)
-    return sample.teacher_sample(teacher, x_T, cond, teacher.uncond(len(labels)), n_steps, cfg).cpu()
-
-
-def student_samples(teacher, net, labels, K, t_max=899, unify=False, seed=1):
-    """The student's K-step sampler on its own grid (no CFG); K is given as a condition when unify. Runs on
-    teacher.device; returns CPU tensors."""
-    x_T, cond = noise_and_labels(teacher, labels, seed)
-    return sample.student_sample(teacher, net, x_T, cond, K, t_max, unify).cpu()
-
-
 def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8, 100), student_steps=(1, 2, 4),
-             t_max=899, unify=False, seed=0):
+             t_max=899, unify=False, seed=0, solver="ddim"):
     """{row name: metrics}. Rows: 'noise floor', 'teacher N', 'student K'. Same labels and x_T for every sampler;
-    `seed` draws them (and the reference), so another seed is an independent evaluation."""
+    `seed` draws them (and the reference), so another seed is an independent evaluation. `solver`: the student's
+    sampler on its grid (ddim or dpm); the teacher rows are always DDIM."""
     g = torch.Generator().manual_seed(seed)
     gt, labels = teacher.gmm.sample(n, generator=g)
     rows = {}
@@ -144,9 +127,33 @@ def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8,
     for N in teacher_steps:
         rows[f"teacher {N}"] = metrics(teacher_samples(teacher, labels, N, cfg, seed=seed + 1), ref, teacher.gmm, r, ps)
     for K in student_steps if student is not None else ():
-        x = student_samples(teacher, student, labels, K, t_max, unify, seed=seed + 1)
+        x = student_samples(teacher, student, labels, K, t_max, unify, seed=seed + 1, solver=solver)
         rows[f"student {K}"] = metrics(x, ref, teacher.gmm, r, ps)
     return rows
+
+
+def curve_logger(teacher, net, K_list, cfg, t_max, unify, path, n=20000):
+    """A function it -> row that appends the SW2 / mode error of `net` (the student, or its EMA swapped in by the
+    caller) at each K in K_list (fixed labels and noise, n samples) to the JSON-lines file `path`; row 0 also
+    holds the teacher's 4- and 100-step SW2 on the same reference."""
+    labels = teacher.sample_labels(n, torch.Generator().manual_seed(123))
+    ref = teacher.gmm.sample(n, labels=labels, generator=torch.Generator().manual_seed(124))[0] \
+        if cfg == 1.0 else teacher_samples(teacher, labels, 100, cfg, seed=125)
+    ref_sorted = sorted_projections(ref)                       # sorted once for every curve point
+
+    def log(it):
+        row = {"iteration": it}
+        if it == 0:
+            for N in (4, 100):
+                row[f"teacher_sw2_{N}"] = sliced_w2_sorted(teacher_samples(teacher, labels, N, cfg), ref_sorted)
+        for K in K_list:
+            x = student_samples(teacher, net, labels, K, t_max, unify)
+            row[f"sw2_{K}"] = sliced_w2_sorted(x, ref_sorted)
+            row[f"mode_{K}"] = mode_coverage_error(x, teacher.gmm)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+    return log
 
 
 def format_table(rows):
@@ -156,6 +163,17 @@ def format_table(rows):
         lines.append(f"{name:14s} {cell('sw2', '8.4f'):>8s} {cell('mmd', '9.5f'):>9s} {cell('mode', '7.4f'):>7s} "
                      f"{cell('width', '6.3f'):>6s} {cell('ll', '8.3f'):>8s}")
     return "\n".join(lines)
+
+
+def _steps(p, flag, text):
+    """'1,2,4' -> [1, 2, 4]; anything else: one argparse error line."""
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"{flag} {text!r}: expected step counts separated by commas, e.g. 1,2,4")
+    if any(s < 1 for s in steps):
+        p.error(f"{flag} {text!r}: step counts must be at least 1")
+    return steps
 
 
 def main(argv=None):
@@ -169,25 +187,36 @@ def main(argv=None):
     p.add_argument("--student-steps", default="1,2,4")
     p.add_argument("--seed", type=int, default=0, help="draws labels, reference and x_T; another seed = an "
                    "independent evaluation (train.py's final table uses 0)")
+    p.add_argument("--solver", default="ddim", choices=["ddim", "dpm"], help="the student's sampler on its grid: "
+                   "DDIM (as trained) or DPM-Solver++(2M)")
     p.add_argument("--json", default=None, help="also write the table to this JSON file")
     a = p.parse_args(argv)
+    teacher_steps, student_steps = _steps(p, "--teacher-steps", a.teacher_steps), _steps(p, "--student-steps",
+                                                                                       a.student_steps)
+    if a.n < 2:
+        p.error(f"--n {a.n}: the metrics need at least 2 samples per sampler")
+    if a.teacher is not None and a.teacher not in TEACHERS:
+        p.error(f"--teacher {a.teacher}: expected one of {', '.join(TEACHERS)}")
     student, meta = (None, {})
     if a.run:
-        meta = sample.read_run_meta(a.run)
-        if meta.get("teacher") == "pixart":
-            raise SystemExit(f"{a.run!r} is a PixArt run: eval.py computes the exact toy metrics only; "
-                             "look at its previews/ or sample it with sample.py --student")
-        teacher, student, meta = sample.load_run(a.run, teacher=a.teacher, meta=meta)
+        meta = read_run_meta(a.run)
+        if TEACHERS[meta["teacher"]].OUTPUT != "points":
+            p.error(f"{a.run!r} is a {meta['teacher']} run: eval.py computes the exact toy metrics only; "
+                    "look at its previews/ or sample it with sample.py --student")
+        teacher, student, meta = load_run(a.run, teacher=a.teacher, meta=meta)
+        bad = [K for K in student_steps if K > meta["t_max"] + 1 or (meta.get("unify") and K not in meta["unify"])]
+        if bad:
+            p.error(f"--student-steps {bad}: this student samples at K <= {meta['t_max'] + 1}"
+                    + (f", K in {meta['unify']} (TDM-unify)" if meta.get("unify") else ""))
     else:
-        import teachers
-        teacher = teachers.load_teacher(a.teacher or "toy", target=a.toy_target or "ring")
+        teacher = load_teacher(a.teacher or "toy", target=a.toy_target or "ring")
+    if teacher.OUTPUT != "points":
+        p.error(f"--teacher {a.teacher}: eval.py computes the exact toy metrics only (toy, toy-exact)")
     cfg = a.cfg if a.cfg is not None else meta.get("cfg", 1.0)
-    rows = evaluate(teacher, student, n=a.n, cfg=cfg,
-                    teacher_steps=[int(s) for s in a.teacher_steps.split(",") if s],
-                    student_steps=[int(s) for s in a.student_steps.split(",") if s],
-                    t_max=meta.get("t_max", 899), unify=bool(meta.get("unify")), seed=a.seed)
+    rows = evaluate(teacher, student, n=a.n, cfg=cfg, teacher_steps=teacher_steps, student_steps=student_steps,
+                    t_max=meta.get("t_max", 899), unify=bool(meta.get("unify")), seed=a.seed, solver=a.solver)
     print(f"target {teacher.gmm.name!r}, teacher {'exact' if teacher.exact else 'MLP'}, cfg {cfg}, n {a.n}, "
-          f"seed {a.seed}")
+          f"seed {a.seed}, student sampler {a.solver}")
     print(format_table(rows))
     if a.json:
         with open(a.json, "w") as f:

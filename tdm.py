@@ -8,7 +8,8 @@ and `tdm_step`, one training iteration. Networks arrive as callables in x0 form:
     teacher.denoise(x_t, t, cond) -> x0_hat (conditional; CFG is applied here with `uncond`)
 
 `cond` is opaque: a tensor, or a tuple/dict of tensors with the batch first. Time is the teacher's
-integer training timestep t in {0..999}. Equation numbers follow ../shared/reference/tdm-method.md.
+integer training timestep t in {0..999}. `Eq. (N)` is the paper's own equation number; `docs/method.md §N`
+is this repository's statement of the method, where every equation the code implements is written out.
 """
 import math
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 
 
 #################################################################################
-#                     Noise schedule (discrete VP, Sec. 2.1)                    #
+#                Noise schedule (discrete VP, docs/method.md §1)                #
 #################################################################################
 
 class Schedule:
@@ -52,7 +53,7 @@ def _bc(v, x):
 
 
 def time_grid(K, t_max=899):
-    """The K-step student grid [t_K, ..., t_1], spacing (t_max + 1) // K (Sec. 2.3).
+    """The K-step student grid [t_K, ..., t_1], spacing (t_max + 1) // K (docs/method.md §2).
 
     t_max = 899 is the official code (4 steps: 899, 674, 449, 224); t_max = 999 gives the paper's
     uniform grid t_i = iT/K (999, 749, 499, 249). The last step lands on the clean x0_hat.
@@ -66,14 +67,14 @@ def time_grid(K, t_max=899):
 def landing_times(grid):
     """t_m for each grid step: the next grid time; 0 for the last step.
 
-    The official training code uses t_g - step + 1 (one above the sampler's next time, Sec. 4.3 #2);
+    The official training code uses t_g - step + 1 (one above the sampler's next time, docs/method.md §2);
     we use the sampler's own grid so training and sampling see the same trajectory.
     """
     return list(grid[1:]) + [0]
 
 
 def ddim_step(x0_hat, eps_hat, schedule, t_next):
-    """Deterministic DDIM (eta = 0): x_{t_next} = alpha x0_hat + sigma eps_hat (Sec. 2.2)."""
+    """Deterministic DDIM (eta = 0): x_{t_next} = alpha x0_hat + sigma eps_hat (docs/method.md §2)."""
     return _bc(schedule.alpha(t_next), x0_hat) * x0_hat + _bc(schedule.sigma(t_next), x0_hat) * eps_hat
 
 
@@ -135,7 +136,7 @@ def cfg_denoise(denoise, x_t, t, cond, uncond, cfg):
 
 @torch.no_grad()
 def rollout(denoise, x_T, cond, schedule, grid, depth=None):
-    """Deterministic K-step DDIM trajectory from x_T (fed in as x at t_K = grid[0]), Sec. 2.2.
+    """Deterministic K-step DDIM trajectory from x_T (fed in as x at t_K = grid[0]), docs/method.md §2.
 
     Returns (xs, x0s, eps): xs[i] is the trajectory point at grid[i] (xs[0] = x_T), x0s[i] and eps[i]
     the network's predictions there; lists of tensors shaped like x_T. `depth` (int or (B,) tensor)
@@ -166,14 +167,14 @@ def sample(denoise, x_T, cond, schedule, grid):
 
 
 #################################################################################
-#                     Diffusing intervals and tau (Sec. 3.2, 3.6)               #
+#              Diffusing intervals and tau (docs/method.md §4)                  #
 #################################################################################
 
 def sample_tau(t_g, t_m, separate=True, t_max=899, tau_min=20, margin=10):
     """tau ~ U{max(tau_min, t_m), ..., upper - 1} per sample.
 
-    separate=True: the step's own interval [t_m, t_g - margin) (official `--use_separate`, Sec. 3.6 mode 1);
-    separate=False: the shared interval [t_m, t_max + 1 - margin) (mode 2). Margins as in the official code.
+    separate=True: the step's own interval [t_m, t_g - margin) (official `--use_separate`, docs/method.md §4);
+    separate=False: the shared interval [t_m, t_max + 1 - margin) Margins as in the official code.
     """
     low = t_m.clamp(min=tau_min)
     high = t_g - margin if separate else torch.full_like(t_g, t_max + 1 - margin)
@@ -190,11 +191,12 @@ def sample_landing(t_g, t_m, randmid=False, margin=20):
 
 
 #################################################################################
-#                     Losses (Eqs. 6-7, 10-11; Sec. 3.5, 3.7)                   #
+#           Losses (Eqs. (6), (7), (10), (11); docs/method.md §5-7)             #
 #################################################################################
 
 def importance_weight(eps_hat, z, schedule, t_m, tau, exact=False):
-    """w_IS = q(x_tau | x0_hat) / q(x_tau | x_m), tempered per dimension as in the official code (Sec. 3.5).
+    """w_IS = q(x_tau | x0_hat) / q(x_tau | x_m), tempered per dimension as in the official code
+    (docs/method.md §6).
 
     m = (alpha_tau/alpha_m sigma_m eps_hat + beta z) / sigma_tau is the "mixed noise" (with the
     sigma_m factor of the 2025-10-20 fix), and w = exp(-mean(m^2)/2) / exp(-mean(z^2)/2), means over
@@ -217,7 +219,7 @@ def fake_score_loss(f_x0, x0_hat, schedule, tau, w_is, snr_clamp=5.0, r_x0=None,
 
     With r_x0 (the teacher's conditional x0 at x_tau) and reg > 0, adds reg * (f - r)^2 under the same SNR
     weight: the fake is pulled toward the teacher, as in the authors' flow-matching follow-up (0.02, no w_IS;
-    tdm-method.md Sec. 8 #5, App. B). Where student and teacher agree this only damps the fake's sampling noise.
+    docs/method.md §5). Where student and teacher agree this only damps the fake's sampling noise.
     """
     dims = list(range(1, f_x0.dim()))
     mse = (f_x0 - x0_hat).pow(2).mean(dims)                                   # (B,)
@@ -231,11 +233,11 @@ def fake_score_loss(f_x0, x0_hat, schedule, tau, w_is, snr_clamp=5.0, r_x0=None,
 
 
 def generator_loss(x0_hat, r_cfg, f_x0, huber_c=1e-3, loss="huber", normalise=True):
-    """Surrogate of the reverse-KL gradient (Eq. 6) on x0_hat, as the official code does (Sec. 3.7).
+    """Surrogate of the reverse-KL gradient (Eq. (6)) on x0_hat, as the official code does (docs/method.md §7).
 
     target = sg(x0_hat) + (r_c - f) + (cfg - 1)(r_c - r_u) = sg(x0_hat) + (r_cfg - f), d = x0_hat - target;
     loss "huber": element-wise pseudo-Huber sqrt(d^2 + c^2) - c (official, c = 1e-3); "huber-sample": the
-    paper's Eq. (11), per-sample sqrt(|d|^2 + c^2) - c with c = 0.00054 sqrt(dim); "mse": d^2 (Eq. 10).
+    paper's Eq. (11), per-sample sqrt(|d|^2 + c^2) - c with c = 0.00054 sqrt(dim); "mse": d^2 (Eq. (10)).
     Each sample is divided by w = mean|x0_hat - r_cfg| (DMD normaliser) unless normalise=False.
     """
     if loss not in ("huber", "huber-sample", "mse"):
@@ -255,12 +257,12 @@ def generator_loss(x0_hat, r_cfg, f_x0, huber_c=1e-3, loss="huber", normalise=Tr
 
 
 #################################################################################
-#                     One training iteration (Sec. 4.2)                         #
+#               One training iteration (docs/method.md §9)                      #
 #################################################################################
 
 @dataclass
 class TDMConfig:
-    """Hyper-parameters of one TDM iteration; defaults follow the official code (Sec. 4.3)."""
+    """Hyper-parameters of one TDM iteration; defaults follow the official code (docs/method.md §11)."""
     K: int = 4                       # student steps
     t_max: int = 899                 # first grid time (official 899; paper 999)
     unify: tuple = ()                # TDM-unify: step counts to draw K from per batch, e.g. (1, 2, 4)
@@ -298,7 +300,7 @@ def _gather(points, k):
 
 
 def with_step_count(net, K, unify):
-    """(x_t, t, cond, K) -> x0_hat  to  (x_t, t, cond) -> x0_hat: under TDM-unify (Eq. 8) the step count K is
+    """(x_t, t, cond, K) -> x0_hat  to  (x_t, t, cond) -> x0_hat: under TDM-unify (Eq. (8)) the step count K is
     passed as a (B,) condition, otherwise None."""
     if not unify:
         return lambda x, t, cond: net(x, t, cond, None)
@@ -317,14 +319,14 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
     device = x_T.device if x_T is not None else _device(cond)
     if x_T is None:
         x_T = torch.randn((B, *teacher.sample_shape), device=device)
-    # TDM-unify (Eq. 8): one K per batch, given to student and fake as a condition; each K on its own grid.
+    # TDM-unify (Eq. (8)): one K per batch, given to student and fake as a condition; each K on its own grid.
     K = c.unify[torch.randint(len(c.unify), ()).item()] if c.unify else c.K
     grid = time_grid(K, c.t_max)
     t_next = landing_times(grid)
 
     stu, fak = with_step_count(student, K, bool(c.unify)), with_step_count(fake, K, bool(c.unify))
 
-    # Each sample matches one step k: the sum over i in Eq. (5) is realised by per-sample draws (Sec. 8 #10).
+    # Each sample matches one step k: the sum over i in Eq. (5) is realised by per-sample draws (docs/method.md §3).
     # One draw and one student prediction serve both phases: the generator needs x0_hat at x_{t_k} with
     # grad, the fake score the same x0_hat as its target (the official code draws k twice and computes
     # the prediction three times: in the rollout, in the fake phase and in the generator phase).
@@ -337,29 +339,29 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
     x0_sg = x0_hat.detach()
     eps_sg = eps_from_x0(x_g, x0_sg, sch, t_g)
 
-    def diffused(t_m):   # land on t_m with the DDIM step, then x_tau ~ q(x_tau | x_{t_m}) (Eq. 5)
+    def diffused(t_m):   # land on t_m with the DDIM step, then x_tau ~ q(x_tau | x_{t_m}) (Eq. (5))
         x_m = ddim_step(x0_sg, eps_sg, sch, t_m)                         # the trajectory point x_{t_i}
         tau = sample_tau(t_g, t_m, c.separate, c.t_max, c.tau_min, c.margin)
         z = torch.randn_like(x_m)
         return rediffuse(x_m, sch, t_m, tau, z)[0], tau, z
 
-    # (2) The generator's targets first (Eq. 6; fresh landing, tau and z): the fake score is evaluated
-    # before it trains on these samples' x0_hat, so it cannot partly agree with them already.
+    # (2) The generator's targets (Eq. (6); fresh landing, tau and z), with the fake score as it stands.
     with torch.no_grad():
         x_tau, tau, _ = diffused(sample_landing(t_g, t_m_grid, c.randmid))
         r_cfg = cfg_denoise(teacher.denoise, x_tau, tau, cond, uncond, c.cfg)   # real score, with CFG
         f_x0 = fak(x_tau, tau, cond)                                             # fake score, no CFG
 
-    # (3) Generator update through one student step (surrogate Eqs. 10-11). It needs nothing from the fake
-    # update below, so it runs first: the student's graph is freed before the fake score builds its own, and
-    # peak memory holds one graph, not two.
+    # (3) Generator update through one student step (surrogate Eqs. (10)-(11)). The generator goes before the
+    # fake (the official code does the reverse) for two reasons: the one student forward x0_hat serves both
+    # updates (the fake's target is its detached value), and only one autograd graph is in memory at a time
+    # (the student's is freed before the fake builds its own). docs/method.md §9.
     loss_gen = generator_loss(x0_hat, r_cfg, f_x0, c.huber_c, c.loss, c.normalise)
     opt_student.zero_grad(set_to_none=True)
     loss_gen.backward()
     logs = dict(grad_norm=_clip(opt_student, c.grad_clip), loss_gen=loss_gen.item(), K=K)
     opt_student.step()
 
-    # (4) Fake-score update (Eq. 7) on the student's own prediction (x0_hat from before the student's step).
+    # (4) Fake-score update (Eq. (7)) on the student's own prediction (x0_hat from before the student's step).
     for _ in range(c.fake_updates):
         t_m = sample_landing(t_g, t_m_grid, c.randmid)
         x_tau, tau, z = diffused(t_m)

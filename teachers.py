@@ -1,10 +1,18 @@
-"""Teachers: what turns a network (or a closed form) into x0_hat = E[x0 | x_t, cond].
+"""Teachers: what turns a network (or a closed form) into x0_hat = E[x0 | x_t, cond], and what each teacher
+brings to a run (its schedule, conditions, output kind and default hyper-parameters).
 
-Toy: Gaussian-mixture targets whose denoiser is exact (`GMM.denoise`), and a toy teacher that is
-either that exact denoiser or an MLP fitted to the target by denoising score matching (cached).
-PixArt-α: the hand-written DiT, T5 and VAE from models.py on a diffusers-layout folder.
-Interface used by tdm.py / train.py: `schedule`, `sample_shape`, `network`, `denoise(x_t, t, cond)`,
-`x0(net, x_t, t, cond, K)`, `encode(labels or prompts)`, `uncond(n)`, `decode(x0)`, `device`.
+    x0_from_prediction    network output -> x0 for eps, v and eps-with-learned-variance (docs/method.md §1)
+    GMM, ToyTeacher       2-D Gaussian-mixture targets with an exact denoiser, and the toy teacher: an MLP fitted
+                          to the mixture (or the closed form itself, ExactToyTeacher)
+    LatentTextToImageTeacher   the base of the image teachers: folder and scheduler checks, per-call autocast,
+                          prompt embeddings cached on disk, the empty-prompt uncond, lazy VAE decoding
+    PixArtTeacher         PixArt-α on a diffusers folder (pixart.py, t5.py, vae.py)
+    TEACHERS              the dict of teachers: train.py's --teacher choices
+
+Interface used by tdm.py / train.py / sample.py / eval.py: `schedule`, `sample_shape`, `network`, `device`,
+`x0(net, x_t, t, cond, K)`, `denoise(x_t, t, cond)`, `encode(labels or prompts)`, `uncond(n)`,
+`training_conditions(n)`, `decode(x0)`; the class attributes DEFAULTS (train.py's per-teacher defaults) and
+OUTPUT ("points" or "images").
 """
 import copy
 import hashlib
@@ -16,8 +24,67 @@ import warnings
 import torch
 
 import tdm
-from models import (load_pixart, load_t5, load_vae, read_state_dict, save_safetensors, toy_mlp,
-                    use_adapter)
+from models import StepCountEmbedding, read_json, read_state_dict, save_safetensors, toy_mlp, use_adapter
+from pixart import load_pixart
+from t5 import load_t5
+from vae import VAEConfig, load_vae
+
+
+#################################################################################
+#                          Network output -> x0                                 #
+#################################################################################
+
+PREDICTIONS = ("epsilon", "v_prediction", "epsilon+variance")
+
+
+def x0_from_prediction(out, x_t, schedule, t, prediction):
+    """x0_hat from a network's raw output at (x_t, t) (docs/method.md §1), computed in float32 and returned in
+    x_t's dtype:  epsilon: x0 = (x_t - sigma_t eps) / alpha_t;  v_prediction: x0 = alpha_t x_t - sigma_t v;
+    epsilon+variance: eps is the first half of the output channels (the learned variance is dropped, as the
+    official code's chunk(2, dim=1)[0]); an output with as many channels as x_t is eps itself."""
+    if prediction == "epsilon+variance":
+        out = out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x_t.shape[1] else out            # (B, C, ...)
+    a, s = tdm._bc(schedule.alpha(t), x_t), tdm._bc(schedule.sigma(t), x_t)
+    x, out = x_t.float(), out.float()
+    if prediction in ("epsilon", "epsilon+variance"):
+        x0 = (x - s * out) / a
+    elif prediction == "v_prediction":
+        x0 = a * x - s * out
+    else:
+        raise ValueError(f"prediction type {prediction!r}: expected one of {PREDICTIONS}")
+    return x0.to(x_t.dtype)
+
+
+def prediction_target(x0, eps, schedule, t, prediction):
+    """The inverse: what a network of this prediction type regresses on for x_t = alpha x0 + sigma eps
+    (epsilon: eps; v_prediction: v = alpha eps - sigma x0). Used to fit the toy teacher."""
+    if prediction == "epsilon":
+        return eps
+    if prediction == "v_prediction":
+        return tdm._bc(schedule.alpha(t), x0) * eps - tdm._bc(schedule.sigma(t), x0) * x0
+    raise ValueError(f"prediction type {prediction!r}: expected 'epsilon' or 'v_prediction'")
+
+
+def _step_count_kwargs(net, K):
+    """{'step_count': K} for a TDM-unify network (models.StepCountEmbedding), {} when K is None."""
+    if K is None:
+        return {}
+    if not isinstance(net, StepCountEmbedding):
+        raise ValueError("a step count K was given to a network without a step embedding; build the student with "
+                         "step counts (train.py --unify does this)")
+    return {"step_count": K}
+
+
+def copy_network(net, step_counts=()):
+    """A trainable copy of the teacher network (student / fake init); under TDM-unify wrapped with a zero
+    step-count embedding, so the copy computes exactly the teacher's function (docs/method.md §8)."""
+    new = copy.deepcopy(net).train().requires_grad_(True)
+    return StepCountEmbedding(new, step_counts) if step_counts else new
+
+
+def cache_dir():
+    """Where fitted toy teachers and prompt embeddings are cached ($TDM_CACHE, default ~/.cache/tdm)."""
+    return os.environ.get("TDM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tdm"))
 
 
 #################################################################################
@@ -155,38 +222,55 @@ def load_target(name):
 #################################################################################
 
 class ToyTeacher:
-    """A class-conditional 2-D teacher: the exact GMM denoiser, or an MLP fitted to the GMM.
+    """A class-conditional 2-D teacher: an MLP fitted to a Gaussian mixture (v-prediction).
 
-    `network` (a ToyMLP, v-prediction by default) is what student and fake are initialised from in both cases.
-    Labels are the condition; label `n_classes` is the null class used for CFG. `.to(device)` moves the
-    network; `encode` / `uncond` then hand out conditions on that device.
+    `network` (a ToyMLP) is what student and fake are initialised from. Labels are the condition; label
+    `n_classes` is the null class used for CFG. `.to(device)` moves the network; `encode` / `uncond` then hand
+    out conditions on that device.
     """
+    OUTPUT = "points"
+    # train.py's defaults for this teacher. The toy departs from the official interval and fake weighting: with
+    # them its modes narrow and SW2 creeps up over long runs; the shared interval with a plain eps-MSE fake
+    # holds (docs/toy-results.md, "Stability"; 3 seeds each).
+    DEFAULTS = dict(cfg=1.0, lr_fake=3e-4, batch=512, iters=2000, ema=0.995, save_every=1000,
+                    interval="shared", snr_clamp=1000.0, device="cpu")
+    exact = False
 
-    def __init__(self, gmm, network, exact=False, prediction="v"):
-        self.gmm, self.network, self.exact, self.prediction = gmm, network, exact, prediction
+    def __init__(self, gmm, network, prediction="v_prediction"):
+        self.gmm, self.network, self.prediction = gmm, network, prediction
         self.schedule = tdm.Schedule("linear", 1e-4, 0.02)
         self.sample_shape = (gmm.dim,)
         self.n_classes = gmm.n_classes
-        self.device = torch.device("cpu") if network is None else next(network.parameters()).device
+        self.run_name = f"toy-{gmm.name}"
+        self.device = next(network.parameters()).device
+
+    @classmethod
+    def load(cls, weights=None, target="ring", device=None, log=print, **kw):
+        """The toy teacher of a target (`ring`, `grid` or a GMM .json file); fitted once, then cached."""
+        if weights:
+            raise ValueError(f"the toy teachers take no weights (got {weights!r}); use --toy-target for the target")
+        gmm = load_target(target) if isinstance(target, str) else target
+        teacher = cls(gmm, fitted_toy_network(gmm, log=log, **kw))
+        teacher.target = target if isinstance(target, str) else gmm.name
+        return teacher.to(device) if device is not None else teacher
+
+    def run_meta(self):
+        """What a run records to rebuild this teacher (student.json)."""
+        return dict(target=getattr(self, "target", self.gmm.name), weights=None, network=self.network.config)
 
     def to(self, device):
         """Move the network (and the conditions it hands out) to `device`; the GMM stays on the CPU."""
         self.device = torch.device(device)
-        if self.network is not None:
-            self.network.to(self.device)
+        self.network.to(self.device)
         return self
 
     def x0(self, net, x_t, t, cond, K=None):
-        """Run a network of the teacher's architecture and convert its prediction (eps or v) to x0."""
-        out = net(x_t, t, cond, K)
-        a, s = self.schedule.alpha(t)[:, None], self.schedule.sigma(t)[:, None]
-        return (x_t - s * out) / a if self.prediction == "eps" else a * x_t - s * out
+        """Run a network of the teacher's architecture and convert its prediction to x0."""
+        return x0_from_prediction(net(x_t, t, cond, **_step_count_kwargs(net, K)), x_t, self.schedule, t,
+                                  self.prediction)
 
     @torch.no_grad()
     def denoise(self, x_t, t, cond):
-        if self.exact:      # the closed form runs in float64 on the CPU
-            x0 = self.gmm.denoise(x_t.cpu(), self.schedule.alpha(t.cpu()), self.schedule.sigma(t.cpu()), cond.cpu())
-            return x0.to(x_t.device)
         return self.x0(self.network, x_t, t, cond)
 
     def encode(self, labels):
@@ -198,17 +282,27 @@ class ToyTeacher:
     def sample_labels(self, n, generator=None):
         return torch.multinomial(self.gmm.class_prior(), n, replacement=True, generator=generator)
 
+    def training_conditions(self, n):
+        """(cond, uncond) of one training batch: labels drawn from the class prior, and the null class."""
+        return self.encode(self.sample_labels(n)), self.uncond(n)
+
     def decode(self, x0):
         return x0
 
 
-def cache_dir():
-    """Where fitted toy teachers and prompt embeddings are cached ($TDM_CACHE, default ~/.cache/tdm)."""
-    return os.environ.get("TDM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tdm"))
+class ExactToyTeacher(ToyTeacher):
+    """The toy teacher whose denoiser is the closed form E[x0 | x_t, label] of the mixture (float64, on the CPU).
+    Student and fake still start as copies of the fitted MLP (`network`)."""
+    exact = True
+
+    @torch.no_grad()
+    def denoise(self, x_t, t, cond):
+        x0 = self.gmm.denoise(x_t.cpu(), self.schedule.alpha(t.cpu()), self.schedule.sigma(t.cpu()), cond.cpu())
+        return x0.to(x_t.device)
 
 
 def fit_toy_teacher(gmm, iters=2000, batch=1024, lr=2e-3, p_uncond=0.1, seed=0, width=128, depth=3,
-                    prediction="v", log=print):
+                    prediction="v_prediction", log=print):
     """Fit an MLP to the GMM by denoising score matching (eps or v target), t ~ U{0..999}, label dropout for CFG."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
@@ -223,8 +317,7 @@ def fit_toy_teacher(gmm, iters=2000, batch=1024, lr=2e-3, p_uncond=0.1, seed=0, 
         t = torch.randint(0, 1000, (batch,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         x_t = sch.alpha(t)[:, None] * x0 + sch.sigma(t)[:, None] * eps
-        target = eps if prediction == "eps" else sch.alpha(t)[:, None] * eps - sch.sigma(t)[:, None] * x0
-        loss = (net(x_t, t, y) - target).pow(2).mean()
+        loss = (net(x_t, t, y) - prediction_target(x0, eps, sch, t, prediction)).pow(2).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(i)
         opt.zero_grad(set_to_none=True)
@@ -235,89 +328,32 @@ def fit_toy_teacher(gmm, iters=2000, batch=1024, lr=2e-3, p_uncond=0.1, seed=0, 
     return net.eval().requires_grad_(False)
 
 
-def toy_teacher(target="ring", exact=False, iters=None, seed=0, log=print):
-    """The toy teacher for a target; the fitted MLP is cached under cache_dir() keyed by target and settings.
+def fitted_toy_network(gmm, iters=None, seed=0, log=print):
+    """The toy teacher's MLP for a target, fitted once and cached under cache_dir() by target and settings.
 
     Fitting runs max(2000, 250 x modes) iterations: the 8-mode ring needs 2,000 (~30 s), the 25-mode grid
     6,250 (with 2,000 its 100-step sampler left 31% of the mass between modes; with 6,000, 3.5%).
     """
-    gmm = load_target(target) if isinstance(target, str) else target
     iters = iters or max(2000, 250 * len(gmm.weights))
     key = hashlib.sha1(json.dumps([gmm.spec(), iters, seed, "v-pred 128x3"]).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir(), f"toy_teacher_{gmm.name}_{key}.safetensors")
-    net = toy_mlp(dim=gmm.dim, n_classes=gmm.n_classes)
     if os.path.exists(path):
+        net = toy_mlp(dim=gmm.dim, n_classes=gmm.n_classes)
         net.load_state_dict(read_state_dict(path))
-        net = net.eval().requires_grad_(False)
-    else:
-        if log:
-            log(f"fitting the toy teacher on {gmm.name!r} ({iters} iterations; cached at {path})")
-        net = fit_toy_teacher(gmm, iters=iters, seed=seed, log=log)
-        save_safetensors(net.state_dict(), path)      # creates the cache folder
-    return ToyTeacher(gmm, net, exact=exact)
-
-
-MAX_LENGTH = 120   # T5 tokens per caption (PixArt-α)
-# The official TDM code hard-codes this schedule (DDPMScheduler linear 1e-4..0.02, 1000 steps, epsilon,
-# tdm-method.md §2.1); the model folder's scheduler config is only checked against it.
-PIXART_SCHEDULE = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000,
-                       prediction_type="epsilon")
-REQUIRED = {"transformer/config.json": "the PixArt transformer config",
-            "text_encoder/config.json": "the T5 encoder config",
-            "tokenizer/spiece.model": "the T5 sentencepiece model",
-            "vae/config.json": "the VAE config"}
+        return net.eval().requires_grad_(False)
+    if log:
+        log(f"fitting the toy teacher on {gmm.name!r} ({iters} iterations; cached at {path})")
+    net = fit_toy_teacher(gmm, iters=iters, seed=seed, log=log)
+    save_safetensors(net.state_dict(), path)      # creates the cache folder
+    return net
 
 
 #################################################################################
-#                          Folder checks                                        #
+#                          Prompts                                              #
 #################################################################################
-
-def check_layout(folder):
-    """Raise FileNotFoundError naming every missing part of a diffusers PixArt-α pipeline folder."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"PixArt folder {folder!r} does not exist; pass a diffusers PixArt-α pipeline folder "
-                                "(e.g. a download of PixArt-alpha/PixArt-XL-2-512x512)")
-    missing = [f"{rel} ({what})" for rel, what in REQUIRED.items() if not os.path.isfile(os.path.join(folder, rel))]
-    if missing:
-        raise FileNotFoundError(f"{folder!r} is not a complete diffusers PixArt-α pipeline folder: missing "
-                                + "; ".join(missing) + ". Expected transformer/, text_encoder/, tokenizer/ (with "
-                                "spiece.model), vae/ and scheduler/, as in PixArt-alpha/PixArt-XL-2-512x512; "
-                                "download the missing sub-folders")
-
-
-def check_scheduler_config(folder, strict=True):
-    """Compare scheduler/scheduler_config.json (if present) with the hard-coded PixArt schedule.
-
-    A disagreement raises ValueError (strict) or warns: the teacher would use a schedule or prediction
-    type the network was not trained with. Returns the config dict, or None when the file is absent.
-    """
-    path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        cfg = json.load(f)
-    bad = []
-    for key, want in PIXART_SCHEDULE.items():
-        got = cfg.get(key, want)
-        same = math.isclose(got, want, rel_tol=1e-6) if isinstance(want, float) and isinstance(got, (int, float)) \
-            else got == want
-        if not same:
-            bad.append(f"{key}={got!r} (expected {want!r})")
-    if cfg.get("trained_betas") is not None:
-        bad.append("trained_betas is set (expected null)")
-    if bad:
-        msg = (f"{path}: " + ", ".join(bad) + ". The PixArt teacher hard-codes the PixArt-α schedule (linear betas "
-               "1e-4..0.02 over 1000 steps, epsilon prediction), as the official TDM code does; this folder's model "
-               "was trained differently. Use a PixArt-α folder, or pass check_scheduler=False to use the hard-coded "
-               "schedule anyway.")
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg)
-    return cfg
-
 
 def preprocess(prompt):
-    """PixArt's caption preprocessing without bs4/ftfy (diffusers clean_caption=False): lowercase and strip."""
+    """Caption preprocessing without bs4/ftfy (diffusers' clean_caption=False for PixArt): lowercase and strip."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompts must be strings, got {type(prompt).__name__}")
     return prompt.lower().strip()
@@ -325,6 +361,8 @@ def preprocess(prompt):
 
 def read_prompts(path):
     """Non-empty lines of a text file (e.g. prompts.txt)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} not found; pass --prompts FILE with one prompt per line")
     with open(path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
@@ -333,99 +371,141 @@ def read_prompts(path):
 
 
 #################################################################################
-#                          PixArt-α teacher                                     #
+#                          Latent text-to-image teachers                        #
 #################################################################################
 
-class PixArtTeacher:
-    """PixArt-α (ε-prediction with learned variance) as an x0-denoiser, with cached T5 prompts and VAE decoding.
+class LatentTextToImageTeacher:
+    """The base of the image teachers: a denoising network on VAE latents, conditioned on text embeddings.
 
-    Interface (see teachers.ToyTeacher): `schedule`, `sample_shape`, `network`, `x0(net, x_t, t, cond, K)`,
-    `denoise(x_t, t, cond)`, `encode(prompts)`, `uncond(n)`, `decode(x0)`. `cond` is a tuple
-    (prompt_embeds (B, 120, 4096), attention_mask (B, 120)), so tdm._take / tdm._cat work on it.
+    A subclass sets NAME, REQUIRED (files of the diffusers folder), SCHEDULE (the schedule it hard-codes and
+    checks the folder's scheduler config against), PREDICTION, MAX_LENGTH, ENCODER_FOLDERS, and implements
+    `load_network(folder, device, dtype)`, `load_encoder()` -> texts -> list of (n_i, d) CPU tensors, and
+    `call(net, x_t, t, cond, **kw)` -> the network's raw output.
 
-    The DiT is loaded at once, in `dtype`. T5 is loaded only when a prompt is not in the on-disk cache
-    and freed after encoding (unless keep_t5); the VAE is loaded at the first decode.
+    `cond` is a tuple (prompt_embeds (B, L, d), attention_mask (B, L)), so tdm._take / tdm._cat work on it. The
+    network is loaded at once, in `dtype`; the text encoder only when a prompt is not in the on-disk cache (and
+    freed after encoding unless keep_encoder); the VAE at the first decode.
     """
+    OUTPUT = "images"
+    NAME, REQUIRED, SCHEDULE, PREDICTION, MAX_LENGTH, ENCODER_FOLDERS = "", {}, {}, "epsilon", 77, ()
 
-    def __init__(self, folder, device=None, dtype=None, resolution=None, t5_dtype=None, vae_dtype=None,
-                 check_scheduler=True, keep_t5=False, t5_batch=8, autocast="auto", log=print):
-        """device: default cuda when available; dtype of the DiT (and T5/VAE unless given): default bf16 on GPU,
-        fp32 on CPU; autocast: a dtype (bf16) to run every network call under autocast, None, or "auto" = bf16 on
-        GPU (fp32 trainable adapters or copies then run their matmuls in bf16 too), none on CPU."""
+    def __init__(self, folder, device=None, dtype=None, resolution=None, encoder_dtype=None, vae_dtype=None,
+                 check_scheduler=True, keep_encoder=False, encoder_batch=8, autocast="auto", log=print):
+        """device: default cuda when available; dtype of the network (and text encoder / VAE unless given):
+        default bf16 on GPU, fp32 on CPU; autocast: a dtype (bf16) to run every network call under autocast,
+        None, or "auto" = bf16 on GPU (fp32 trainable adapters or copies then run their matmuls in bf16 too)."""
         folder = os.fspath(folder)
-        check_layout(folder)
-        check_scheduler_config(folder, strict=check_scheduler)
+        self.check_layout(folder)
+        self.check_scheduler_config(folder, strict=check_scheduler)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if autocast == "auto":
             autocast = torch.bfloat16 if device.type == "cuda" else None
         self.folder, self.device, self.dtype = folder, device, dtype
-        self.t5_dtype, self.vae_dtype = t5_dtype or dtype, vae_dtype or dtype
-        self.keep_t5, self.t5_batch, self.log = keep_t5, t5_batch, log or (lambda *a: None)
-        with open(os.path.join(folder, "vae", "config.json")) as f:
-            vae_cfg = json.load(f)
-        self.scaling_factor = vae_cfg.get("scaling_factor", 0.18215)
-        self._init_network(load_pixart(folder, device=device, dtype=dtype),
-                           2 ** (len(vae_cfg.get("block_out_channels", (128, 256, 512, 512))) - 1), resolution,
-                           autocast)
-        self.cache_folder = os.path.join(cache_dir(), "pixart_t5", self._t5_identity())
-        self._t5 = self._vae = self._uncond = None
-        self._rows = {}                                 # text -> its T5 rows, read once from the disk cache
+        self.encoder_dtype, self.vae_dtype = encoder_dtype or dtype, vae_dtype or dtype
+        self.keep_encoder, self.encoder_batch, self.log = keep_encoder, encoder_batch, log or (lambda *a: None)
+        vae_cfg = VAEConfig.from_json(os.path.join(folder, "vae", "config.json"))
+        self.scaling_factor = vae_cfg.scaling_factor
+        self._init_network(self.load_network(folder, device, dtype), 2 ** (len(vae_cfg.block_out_channels) - 1),
+                           resolution, autocast)
+        self.cache_folder = os.path.join(cache_dir(), f"{self.NAME}_text", self._encoder_identity())
+        self._encoder = self._vae = self._uncond = None
+        self._rows = {}                                 # text -> its encoder rows, read once from the disk cache
+        self.prompts = None
+
+    @classmethod
+    def load(cls, weights=None, target=None, device=None, log=print, **kw):
+        """The teacher of a downloaded diffusers folder (train.py --weights)."""
+        if not weights:
+            raise ValueError(f"--teacher {cls.NAME} needs --weights DIR: the downloaded diffusers folder (see README)")
+        return cls(weights, device=device, log=log, **kw)
 
     @classmethod
     def from_network(cls, network, vae_factor=8, resolution=None, autocast=None):
-        """A teacher around an in-memory DiT, without a folder (no prompt encoding or decoding): benchmarks, tests."""
+        """A teacher around an in-memory network, without a folder (no prompt encoding or decoding): benchmarks,
+        tests."""
         self = cls.__new__(cls)
         self.device, self.folder = next(network.parameters()).device, None
         self._init_network(network, vae_factor, resolution, autocast)
         return self
 
-    def _need_folder(self, what):
-        if self.folder is None:
-            raise ValueError(f"{what} needs the model folder (T5, VAE); this teacher was built from a network alone "
-                             "(PixArtTeacher.from_network): load it with load_teacher('pixart', DIR)")
-
     def _init_network(self, network, vae_factor, resolution, autocast):
-        self.schedule = tdm.Schedule(PIXART_SCHEDULE["beta_schedule"], PIXART_SCHEDULE["beta_start"],
-                                     PIXART_SCHEDULE["beta_end"], PIXART_SCHEDULE["num_train_timesteps"])
+        s = self.SCHEDULE
+        self.schedule = tdm.Schedule(s["beta_schedule"], s["beta_start"], s["beta_end"], s["num_train_timesteps"])
         self.network, self.vae_factor, self.autocast = network.requires_grad_(False), vae_factor, autocast
-        cfg = network.config
-        self.micro_conditions = cfg.use_additional_conditions          # 1024-MS: resolution / aspect ratio
-        h, w = (cfg.sample_size * vae_factor,) * 2 if resolution is None else \
+        self.run_name = self.NAME
+        h, w = (network.config.sample_size * vae_factor,) * 2 if resolution is None else \
             (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        unit = vae_factor * cfg.patch_size
+        unit = vae_factor * getattr(network.config, "patch_size", 1)
         if h % unit or w % unit:
             raise ValueError(f"resolution {h}x{w} must be a multiple of {unit} (VAE factor {vae_factor} x "
-                             f"patch size {cfg.patch_size})")
-        self.sample_shape = (cfg.in_channels, h // vae_factor, w // vae_factor)
+                             f"patch size {unit // vae_factor})")
+        self.sample_shape = (network.config.in_channels, h // vae_factor, w // vae_factor)
+
+    def run_meta(self):
+        """What a run records to rebuild this teacher (student.json)."""
+        return dict(target=None, weights=self.folder, network=None)
+
+    # ---------------------------------------------------------------- folder checks
+
+    @classmethod
+    def check_layout(cls, folder):
+        """Raise FileNotFoundError naming every missing part of the diffusers pipeline folder."""
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{cls.NAME} folder {folder!r} does not exist; pass the downloaded diffusers "
+                                    f"pipeline folder ({cls.EXAMPLE})")
+        missing = [f"{rel} ({what})" for rel, what in cls.REQUIRED.items()
+                   if not os.path.isfile(os.path.join(folder, rel))]
+        if missing:
+            subs = ", ".join(sorted({rel.split("/")[0] + "/" for rel in cls.REQUIRED}))
+            raise FileNotFoundError(f"{folder!r} is not a complete diffusers {cls.NAME} pipeline folder: missing "
+                                    + "; ".join(missing) + f". Expected {subs} and scheduler/, as in {cls.EXAMPLE}; "
+                                    "download the missing sub-folders")
+
+    @classmethod
+    def check_scheduler_config(cls, folder, strict=True):
+        """Compare scheduler/scheduler_config.json (if present) with the hard-coded SCHEDULE.
+
+        A disagreement raises ValueError (strict) or warns: the teacher would use a schedule or prediction
+        type the network was not trained with. Returns the config dict, or None when the file is absent.
+        """
+        path = os.path.join(folder, "scheduler", "scheduler_config.json")
+        if not os.path.isfile(path):
+            return None
+        cfg, bad = read_json(path), []
+        for key, want in cls.SCHEDULE.items():
+            got = cfg.get(key, want)
+            same = math.isclose(got, want, rel_tol=1e-6) if isinstance(want, float) and \
+                isinstance(got, (int, float)) else got == want
+            if not same:
+                bad.append(f"{key}={got!r} (expected {want!r})")
+        if cfg.get("trained_betas") is not None:
+            bad.append("trained_betas is set (expected null)")
+        if bad:
+            msg = (f"{path}: " + ", ".join(bad) + f". The {cls.NAME} teacher hard-codes its schedule ("
+                   + ", ".join(f"{k} {v}" for k, v in cls.SCHEDULE.items()) + "), as the official TDM code does; "
+                   "this folder's model was trained differently. Use the right folder, or pass "
+                   "check_scheduler=False to use the hard-coded schedule anyway.")
+            if strict:
+                raise ValueError(msg)
+            warnings.warn(msg)
+        return cfg
+
+    def _need_folder(self, what):
+        if self.folder is None:
+            raise ValueError(f"{what} needs the model folder (text encoder, VAE); this teacher was built from a "
+                             f"network alone (from_network): load it with load_teacher({self.NAME!r}, DIR)")
 
     # ---------------------------------------------------------------- denoising
 
-    def _added_cond_kwargs(self, x_t):
-        """1024-MS micro-conditions from the latent shape: resolution [H, W] in pixels, aspect ratio H / W."""
-        if not self.micro_conditions:
-            return None
-        B, _, H, W = x_t.shape
-        f = self.vae_factor
-        res = torch.tensor([[H * f, W * f]], dtype=torch.float32, device=x_t.device).repeat(B, 1)    # (B, 2)
-        ar = torch.tensor([[H / W]], dtype=torch.float32, device=x_t.device).repeat(B, 1)            # (B, 1)
-        return {"resolution": res, "aspect_ratio": ar}
-
     def x0(self, net, x_t, t, cond, K=None):
-        """Run a network of the teacher's architecture: eps = first 4 of its 8 output channels (the learned
-        variance is discarded, as the official code's chunk(2, dim=1)[0]); x0 = (x_t - sigma_t eps) / alpha_t.
-        Computed in float32, returned in x_t's dtype."""
-        emb, mask = cond
-        extra = {} if K is None else {"step_count": K}                   # TDM-unify students only
-        # Autocast per call, not around a whole training step: autocast caches the low-precision copy of each
-        # trainable weight until its outermost region ends, so a forward after an optimiser step in the same
-        # region would still see the old weights (a second fake update would).
+        """Run a network of the teacher's architecture and convert its output to x0 (in float32, returned in
+        x_t's dtype). Autocast wraps each call, not a whole training step: autocast caches the low-precision
+        copy of each trainable weight until its outermost region ends, so a forward after an optimiser step in
+        the same region would still see the old weights (a second fake update would)."""
         with torch.autocast(x_t.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)):
-            out = net(x_t, t, emb, mask, self._added_cond_kwargs(x_t), **extra)   # the DiT casts to its dtype
-        eps = out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x_t.shape[1] else out                  # (B, 4, H, W)
-        a = self.schedule.alpha(t).reshape(-1, 1, 1, 1)
-        s = self.schedule.sigma(t).reshape(-1, 1, 1, 1)
-        return ((x_t.float() - s * eps.float()) / a).to(x_t.dtype)
+            out = self.call(net, x_t, t, cond, **_step_count_kwargs(net, K))
+        return x0_from_prediction(out, x_t, self.schedule, t, self.PREDICTION)
 
     @torch.no_grad()
     def denoise(self, x_t, t, cond):
@@ -435,38 +515,32 @@ class PixArtTeacher:
 
     # ---------------------------------------------------------------- prompts
 
-    def _t5_identity(self):
-        """Cache folder name: a hash of the T5 and tokenizer files (path, size, mtime), max length and T5 dtype."""
+    def _encoder_identity(self):
+        """Cache folder name: a hash of the text encoder and tokenizer files (path, size, mtime), the max length,
+        the encoder dtype and the preprocessing."""
         parts = []
-        for sub in ("text_encoder", "tokenizer"):
+        for sub in self.ENCODER_FOLDERS:
             d = os.path.realpath(os.path.join(self.folder, sub))
             parts += [(d, name, os.path.getsize(os.path.join(d, name)), os.stat(os.path.join(d, name)).st_mtime_ns)
                       for name in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, name))]
-        key = json.dumps([parts, MAX_LENGTH, str(self.t5_dtype), "lower-strip"])
+        key = json.dumps([parts, self.MAX_LENGTH, str(self.encoder_dtype), "lower-strip"])
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
     def _cache_path(self, text):
         return os.path.join(self.cache_folder, hashlib.sha1(text.encode()).hexdigest()[:24] + ".safetensors")
 
-    def _load_t5(self):
-        if self._t5 is None:
-            self.log(f"loading T5 from {self.folder} (prompt embeddings cached in {self.cache_folder})")
-            tokenizer, encoder = load_t5(self.folder, dtype=self.t5_dtype, max_length=MAX_LENGTH)
-            self._t5 = tokenizer, encoder.to(self.device)
-        return self._t5
-
-    def free_t5(self):
-        self._t5 = None
+    def free_encoder(self):
+        self._encoder = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def _run_t5(self, texts):
-        """Preprocessed texts -> list of (n_tokens_i, d_model) CPU tensors: the valid rows of T5's last hidden state."""
-        tokenizer, encoder = self._load_t5()
-        ids, mask = tokenizer(texts)                                                 # (B, 120) each
-        hidden = encoder(ids.to(self.device), mask.to(self.device))                  # (B, 120, d)
-        return [hidden[b, :int(mask[b].sum())].cpu() for b in range(len(texts))]
+    def _run_encoder(self, texts):
+        """Preprocessed texts -> list of (n_tokens_i, d) CPU tensors: the valid rows of the encoder's output."""
+        if self._encoder is None:
+            self.log(f"loading the text encoder from {self.folder} (prompt embeddings cached in {self.cache_folder})")
+            self._encoder = self.load_encoder()
+        return self._encoder(texts)
 
     def _read(self, path, text):
         from safetensors import safe_open
@@ -481,43 +555,50 @@ class PixArtTeacher:
 
     def prepare(self, prompts):
         """Make sure every prompt and the empty prompt (CFG) are in the disk cache and read into memory, running
-        T5 at most once for all of them; returns the preprocessed texts."""
+        the text encoder at most once for all of them; returns the preprocessed texts."""
         self._need_folder("prompt encoding")
         texts = [preprocess(p) for p in prompts]
         todo = [t for t in dict.fromkeys(texts + [""]) if t not in self._rows and not os.path.exists(self._cache_path(t))]
         if todo:
-            self.log(f"encoding {len(todo)} new prompt(s) with T5")
-            for i in range(0, len(todo), self.t5_batch):
-                chunk = todo[i:i + self.t5_batch]
-                for text, emb in zip(chunk, self._run_t5(chunk)):
+            self.log(f"encoding {len(todo)} new prompt(s) with the text encoder")
+            for i in range(0, len(todo), self.encoder_batch):
+                chunk = todo[i:i + self.encoder_batch]
+                for text, emb in zip(chunk, self._run_encoder(chunk)):
                     save_safetensors({"embeds": emb}, self._cache_path(text), {"prompt": text})
-            if not self.keep_t5:
-                self.free_t5()
+            if not self.keep_encoder:
+                self.free_encoder()
         for t in texts:
             if t not in self._rows:
                 self._rows[t] = self._read(self._cache_path(t), t)
         return texts
 
-    def encode(self, prompts):
-        """Prompts (str or list) -> (prompt_embeds (B, 120, d) in `dtype`, attention_mask (B, 120) long) on `device`.
+    def use_prompts(self, prompts):
+        """The training prompts: encoded once now (and cached), drawn from by training_conditions."""
+        self.prepare(prompts)
+        self.prompts = list(prompts)
 
-        Each preprocessed prompt's T5 output is cached on disk (one safetensors file, valid rows only), so T5
-        runs once per prompt; only prompts missing from the cache are encoded. Padded rows come back as
-        zeros: the DiT masks them out (bias -10000, exp underflows to exactly 0), so only valid rows matter.
-        """
+    def training_conditions(self, n):
+        """(cond, uncond) of one training batch: n prompts drawn with replacement from use_prompts'."""
+        texts = [self.prompts[i] for i in torch.randint(len(self.prompts), (n,)).tolist()]
+        return self.encode(texts), self.uncond(n)
+
+    def encode(self, prompts):
+        """Prompts (str or list) -> (prompt_embeds (B, L, d) in `dtype`, attention_mask (B, L) long) on `device`,
+        L = MAX_LENGTH. Each preprocessed prompt's encoder output is cached on disk (valid rows only), so the
+        encoder runs once per prompt. Padded rows come back as zeros: the network masks them out."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode() needs at least one prompt")
         texts = self.prepare(prompts)
         rows = [self._rows[t] for t in texts]
-        embeds = torch.zeros(len(rows), MAX_LENGTH, rows[0].shape[1], dtype=self.dtype)     # padded rows: zeros
-        mask = torch.zeros(len(rows), MAX_LENGTH, dtype=torch.long)
+        embeds = torch.zeros(len(rows), self.MAX_LENGTH, rows[0].shape[1], dtype=self.dtype)   # padded rows: zeros
+        mask = torch.zeros(len(rows), self.MAX_LENGTH, dtype=torch.long)
         for b, row in enumerate(rows):
             embeds[b, :len(row)], mask[b, :len(row)] = row.to(self.dtype), 1
         return embeds.to(self.device), mask.to(self.device)
 
     def uncond(self, n):
-        """The empty-prompt embedding repeated n times: diffusers' PixArt negative prompt "" (its own mask)."""
+        """The empty-prompt embedding repeated n times: the diffusers pipelines' negative prompt ""."""
         if self._uncond is None:
             self._uncond = self.encode([""])
         emb, mask = self._uncond
@@ -525,42 +606,72 @@ class PixArtTeacher:
 
     # ---------------------------------------------------------------- images
 
-    def _load_vae(self):
-        self._need_folder("decoding")
-        if self._vae is None:
-            self._vae = load_vae(self.folder, dtype=self.vae_dtype).to(self.device)
-        return self._vae
-
     @torch.no_grad()
     def decode(self, x0, batch=8):
         """Latents x0 (B, 4, h, w) -> images (B, 3, 8h, 8w) float32 in [0, 1]: VAE decode of x0 / scaling_factor."""
-        vae, out = self._load_vae(), []
+        self._need_folder("decoding")
+        if self._vae is None:
+            self._vae = load_vae(self.folder, dtype=self.vae_dtype).to(self.device)
+        out = []
         for z in (x0 / self.scaling_factor).split(batch):
-            img = vae.decode(z.to(device=self.device, dtype=self.vae_dtype)).float()
+            img = self._vae.decode(z.to(device=self.device, dtype=self.vae_dtype)).float()
             out.append((img / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
 
 
-def load_pixart_teacher(weights, **kw):
-    """PixArt-α teacher from a diffusers pipeline folder (device, dtype defaults: see PixArtTeacher)."""
-    return PixArtTeacher(weights, **kw)
+class PixArtTeacher(LatentTextToImageTeacher):
+    """PixArt-α (eps-prediction with learned variance, T5 captions of 120 tokens) on a diffusers folder."""
+    NAME, EXAMPLE = "pixart", "e.g. a download of PixArt-alpha/PixArt-XL-2-512x512"
+    # train.py's defaults: the official TDM recipe (docs/method.md §11).
+    DEFAULTS = dict(cfg=4.5, lr_fake=2e-5, batch=32, iters=500, ema=0.0, save_every=500,
+                    interval="separate", snr_clamp=5.0, device="auto")
+    # The official TDM code hard-codes this schedule (DDPMScheduler linear 1e-4..0.02, 1000 steps, epsilon);
+    # the model folder's scheduler config is only checked against it.
+    SCHEDULE = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000,
+                    prediction_type="epsilon")
+    PREDICTION = "epsilon+variance"
+    MAX_LENGTH = 120                  # T5 tokens per caption
+    ENCODER_FOLDERS = ("text_encoder", "tokenizer")
+    REQUIRED = {"transformer/config.json": "the PixArt transformer config",
+                "text_encoder/config.json": "the T5 encoder config",
+                "tokenizer/spiece.model": "the T5 sentencepiece model",
+                "vae/config.json": "the VAE config"}
+
+    def load_network(self, folder, device, dtype):
+        return load_pixart(folder, device=device, dtype=dtype)
+
+    def load_encoder(self):
+        tokenizer, encoder = load_t5(self.folder, dtype=self.encoder_dtype, max_length=self.MAX_LENGTH)
+        encoder = encoder.to(self.device)
+
+        def run(texts):                                                      # -> [(n_tokens_i, d)] on the CPU
+            ids, mask = tokenizer(texts)                                     # (B, 120) each
+            hidden = encoder(ids.to(self.device), mask.to(self.device))     # (B, 120, d)
+            return [hidden[b, :int(mask[b].sum())].cpu() for b in range(len(texts))]
+        return run
+
+    def call(self, net, x_t, t, cond, **kw):
+        """The DiT on (x_t, t, T5 rows, mask), with the 1024-MS micro-conditions from the latent shape."""
+        emb, mask = cond
+        added = None
+        if self.network.config.use_additional_conditions:            # resolution [H, W] in pixels, aspect H / W
+            B, _, H, W = x_t.shape
+            f = self.vae_factor
+            added = {"resolution": torch.tensor([[H * f, W * f]], dtype=torch.float32, device=x_t.device).repeat(B, 1),
+                     "aspect_ratio": torch.tensor([[H / W]], dtype=torch.float32, device=x_t.device).repeat(B, 1)}
+        return net(x_t, t, emb, mask, added, **kw)                    # the DiT casts to its own dtype
 
 
-def load_teacher(name, weights=None, **kw):
-    """'toy' (MLP teacher fitted to the target), 'toy-exact' (closed-form GMM denoiser), 'pixart' (a model folder)."""
-    if name in ("toy", "toy-exact"):
-        return toy_teacher(exact=name == "toy-exact", **kw)
-    if name == "pixart":
-        if not weights:
-            raise ValueError("--teacher pixart needs --weights DIR: the downloaded diffusers folder, "
-                             "e.g. PixArt-alpha/PixArt-XL-2-512x512 (see README)")
-        return load_pixart_teacher(weights, **kw)
-    raise ValueError(f"unknown teacher {name!r}; available: 'toy', 'toy-exact', 'pixart'")
+#################################################################################
+#                          The teachers                                         #
+#################################################################################
+
+TEACHERS = {"toy": ToyTeacher, "toy-exact": ExactToyTeacher, "pixart": PixArtTeacher}
 
 
-def copy_network(net, step_counts=()):
-    """A trainable copy of the teacher network (student / fake init), with a zero step embedding for TDM-unify."""
-    new = copy.deepcopy(net).train().requires_grad_(True)
-    if step_counts:
-        new.add_step_embedding(step_counts)
-    return new
+def load_teacher(name, weights=None, target="ring", device=None, log=print, **kw):
+    """A teacher by name: 'toy' (MLP fitted to the target), 'toy-exact' (closed-form GMM denoiser), 'pixart'
+    (a diffusers folder given as `weights`). Keyword arguments go to the teacher's constructor."""
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; available: {', '.join(repr(k) for k in TEACHERS)}")
+    return TEACHERS[name].load(weights=weights, target=target, device=device, log=log, **kw)
