@@ -5,6 +5,7 @@
     python benchmark.py --full-size --resolution 1024 --device cuda --checkpointing   # 1024-MS
     python benchmark.py --cpu-rss                   # measured CPU peak memory, full vs LoRA (52.8M-param DiT)
     python benchmark.py --memory-only               # computed weights+grads+AdamW of PixArt-XL-2 (meta device)
+    python benchmark.py --precision                 # x0 error of bf16 autocast against fp32 at high t
 
 The official pattern (train_tdm_demo.py, docs/method.md §9) rolls out all K steps, recomputes the
 student prediction in the fake phase, calls the teacher there without using the result, and runs the
@@ -25,7 +26,7 @@ import torch
 import tdm
 from models import trainable_lora_views
 from pixart import PixArtConfig, dit_from_config, pixart_xl_2_1024_ms_config, pixart_xl_2_512_config
-from teachers import PixArtTeacher, copy_network
+from teachers import PixArtTeacher, copy_network, x0_from_prediction
 from train import student_x0
 
 
@@ -182,6 +183,43 @@ def cpu_rss_table(args):
     return out
 
 
+@torch.no_grad()
+def precision_table(args, times=(224, 449, 674, 889), batch=8):
+    """x0 error of bf16 autocast against fp32 on one random DiT (docs/method.md §12). Two bf16 columns: as this
+    code runs (the output projection and the x0 conversion in fp32), and with eps rounded to bf16 before the
+    conversion (what a bf16 output projection hands over); and fp16 autocast (the official code's mixed precision,
+    8 times finer than bf16). Errors are RMS over all latent elements."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = pixart_xl_2_512_config() if args.full_size else RSS_CONFIG
+    net = dit_from_config(config).to(device).eval()
+    fp32, bf16, fp16 = (PixArtTeacher.from_network(net, autocast=a) for a in (None, torch.bfloat16, torch.float16))
+    shape = (batch, *fp32.sample_shape)
+    cond = (torch.randn(batch, 16, config.caption_channels, device=device),
+            torch.ones(batch, 16, dtype=torch.long, device=device))
+    rms = lambda z: z.double().pow(2).mean().sqrt().item()
+    print(f"DiT: {config.num_layers} layers, hidden {config.hidden_size}, random weights, batch {batch}, {device}; "
+          f"x_t = alpha x0 + sigma eps with x0, eps ~ N(0, I)")
+    print(f"{'t':>4s} {'sigma/alpha':>11s} {'eps err':>9s} {'x0 err':>9s} {'x0 err, eps rounded to bf16':>28s} "
+          f"{'x0 err, fp16 autocast':>22s}")
+    rows = {}
+    for t_int in times:
+        t = torch.full((batch,), t_int, device=device)
+        a, s = fp32.schedule.alpha(t)[0].item(), fp32.schedule.sigma(t)[0].item()
+        x_t = a * torch.randn(shape, device=device) + s * torch.randn(shape, device=device)
+        eps_ref = fp32.call(net, x_t, t, cond)[:, :4]
+        x0_ref = fp32.x0(net, x_t, t, cond)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            eps = fp32.call(net, x_t, t, cond)[:, :4]
+        rounded = x0_from_prediction(eps.bfloat16().float(), x_t, fp32.schedule, t, "epsilon")
+        r = dict(ratio=s / a, eps=rms(eps - eps_ref), x0=rms(bf16.x0(net, x_t, t, cond) - x0_ref),
+                 x0_rounded=rms(rounded - x0_ref), x0_fp16=rms(fp16.x0(net, x_t, t, cond) - x0_ref))
+        rows[t_int] = r
+        print(f"{t_int:4d} {r['ratio']:11.1f} {r['eps']:9.2e} {r['x0']:9.2e} {r['x0_rounded']:28.2e} "
+              f"{r['x0_fp16']:22.2e}")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--full-size", action="store_true", help="PixArt-XL-2 config (random weights; needs a GPU)")
@@ -199,6 +237,8 @@ def main(argv=None):
                    "(meta device: no weights, no GPU, seconds)")
     p.add_argument("--cpu-rss", action="store_true", help="measured CPU peak memory: each pattern in its own "
                    "process on a 53M-parameter DiT (12 layers, hidden 512), peak RSS above the bare process's")
+    p.add_argument("--precision", action="store_true", help="x0 error of bf16 autocast against fp32 at t = 224 ... "
+                   "889 on a random DiT (12 layers, hidden 512; --full-size: PixArt-XL-2)")
     p.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)   # internal: one row, print JSON
     p.add_argument("--rss-config", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -206,6 +246,8 @@ def main(argv=None):
         p.error("--resolution picks the PixArt-XL-2 config: use it with --full-size")
     if args.cpu_rss:
         return cpu_rss_table(args)
+    if args.precision:
+        return precision_table(args)
     if args.memory_only:
         m = memory_table(pixart_xl_2_512_config(), args.lora, torch.bfloat16)
         print(f"PixArt-XL-2 ({m['params']:,} parameters) as train.py holds it; weights, grads and fp32 AdamW "

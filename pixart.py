@@ -4,7 +4,7 @@
 
 Parameter names equal diffusers' `PixArtTransformer2DModel` state-dict keys, so a diffusers folder loads as it
 is; the original PixArt `.pth` files are renamed on load. The network maps (x_t, t, caption embeddings) to
-ε and the learned variance (8 channels); teachers.py turns that into x0.
+ε and the learned variance (8 channels, float32); teachers.py turns that into x0.
 """
 import contextlib
 import math
@@ -223,7 +223,8 @@ class PixArtBlock(nn.Module):
 #################################################################################
 
 class PixArtDiT(nn.Module):
-    """PixArt-α: (B, C, H, W) latents, timesteps and T5 captions -> (B, out_channels, H, W) (ε and variance)."""
+    """PixArt-α: (B, C, H, W) latents, timesteps and T5 captions -> (B, out_channels, H, W) (ε and variance),
+    float32 whatever the weights' dtype."""
     def __init__(self, config):
         super().__init__()
         c = self.config = _as_config(config)
@@ -275,7 +276,11 @@ class PixArtDiT(nn.Module):
                 tokens = block(tokens, t6, context, bias)
 
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)    # 2 x (B, 1, D); uses emb
-        out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))           # (B, h*w, p*p*C)
+        h_out = modulate(self.norm_out(tokens), shift, scale)                         # (B, h*w, D)
+        # The output projection runs in fp32 whatever the weights' dtype or autocast, and returns fp32:
+        # x0 = (x_t - sigma eps) / alpha multiplies eps's rounding error by sigma / alpha (docs/method.md §12).
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(h_out.float(), self.proj_out.weight.float(), self.proj_out.bias.float())  # (B, h*w, p*p*C)
         out = out.reshape(B, h, w, p, p, c.out_channels)                             # (B, h, w, p, p, C)
         out = out.permute(0, 5, 1, 3, 2, 4)                                          # (B, C, h, p, w, p)
         return out.reshape(B, c.out_channels, H, W)                                  # (B, C, H, W)
