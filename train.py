@@ -443,7 +443,7 @@ def main(argv=None):
     watch = (ToyWatch if teacher.OUTPUT == "points" else ImagePreviews)(teacher, student, ema, args, run_dir, start) \
         if main_proc else None
 
-    t0, step_time = time.time(), 0.0            # step_time: the TDM steps alone (no evaluations, checkpoints)
+    t0, step_time = progress.begin(start), 0.0  # step_time: the TDM steps alone (no evaluations, checkpoints)
     for it in range(start, args.iters):
         for group in opt_student.param_groups:
             group["lr"] = generator_lr(args, it)
@@ -451,25 +451,14 @@ def main(argv=None):
         t_step = time.time()
         logs = tdm.tdm_step(student_x0(teacher, student), student_x0(teacher, fake), teacher, cond, uncond,
                             opt_student, opt_fake, config)
-        if ema is not None:
-            with torch.no_grad():
-                for k, v in student.state_dict().items():
-                    ema[k].lerp_(v.to(ema[k].dtype), 1 - args.ema)
+        update_ema(ema, student, args.ema)
         step_time += time.time() - t_step       # tdm_step's .item() calls have synchronised the GPU already
         done = it + 1
         progress.update(done, logs)
         if watch:
             watch.after(done, progress.log)
         if done % args.save_every == 0 or done == args.iters:
-            check_in_sync(student, world)
-            check_in_sync(fake, world)
-            rank_rng = rng_states(device, world)          # on every rank: it gathers their RNG states
-            if main_proc:
-                save_checkpoint(run_dir, dict(student=student.state_dict(), fake=fake.state_dict(),
-                                              opt_student=opt_student.state_dict(), opt_fake=opt_fake.state_dict(),
-                                              iteration=torch.tensor(done), rank_rng=rank_rng,
-                                              **({"ema": ema} if ema is not None else {})),
-                                run_meta(teacher, args, config, done))
+            checkpoint(run_dir, done, student, fake, opt_student, opt_fake, ema, teacher, args, config, device, world)
     progress.close()
     train_time = time.time() - t0
 
@@ -483,6 +472,26 @@ def main(argv=None):
               f"s/iter in TDM steps, {train_time - step_time:.0f} s in evaluations, previews and checkpoints{peak}"
               + (f" ({world} processes, {batch} samples each)" if world > 1 else ""))
     return run_dir
+
+
+def update_ema(ema, student, decay):
+    """ema <- decay * ema + (1 - decay) * student, tensor by tensor (no-op when the EMA is off)."""
+    if ema is not None:
+        with torch.no_grad():
+            for k, v in student.state_dict().items():
+                ema[k].lerp_(v.to(ema[k].dtype), 1 - decay)
+
+
+def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, ema, teacher, args, config, device, world):
+    """Every rank: check the weights agree and gather the RNG streams; rank 0 writes ckpt.* and student.*."""
+    check_in_sync(student, world)
+    check_in_sync(fake, world)
+    rank_rng = rng_states(device, world)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        state = dict(student=student.state_dict(), fake=fake.state_dict(), opt_student=opt_student.state_dict(),
+                     opt_fake=opt_fake.state_dict(), iteration=torch.tensor(done), rank_rng=rank_rng)
+        save_checkpoint(run_dir, {**state, **({"ema": ema} if ema is not None else {})},
+                        run_meta(teacher, args, config, done))
 
 
 def student_x0(teacher, net):
@@ -523,6 +532,13 @@ class Progress:
         self.total, self.main_proc = total, main_proc
         self.bar = tqdm(total=total, desc="TDM", dynamic_ncols=True) if main_proc and sys.stderr.isatty() else None
         self.every, self.t0 = max(1, total // 10), time.time()
+
+    def begin(self, start):
+        """The loop starts at iteration `start`; -> the start time."""
+        self.t0 = time.time()
+        if self.bar is not None:
+            self.bar.n = start
+        return self.t0
 
     def log(self, *msg):
         line = " ".join(str(m) for m in msg)
