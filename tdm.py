@@ -288,9 +288,7 @@ class TDMConfig:
 
 def _step_times(k, grid, t_next):
     """Grid time t_g and landing time t_m for per-sample step indices k (0 = first, noisiest step)."""
-    g = torch.tensor(grid, device=k.device)[k]
-    m = torch.tensor(t_next, device=k.device)[k]
-    return g, m
+    return torch.tensor(grid, device=k.device)[k], torch.tensor(t_next, device=k.device)[k]
 
 
 def _gather(points, k):
@@ -307,16 +305,15 @@ def with_step_count(net, K, unify):
     return lambda x, t, cond: net(x, t, cond, torch.full((x.shape[0],), K, device=x.device, dtype=torch.long))
 
 
-def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config, x_T=None):
+def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config, x_T=None, scaler=None):
     """One TDM iteration: roll out the student, score its sample, update the student, then the fake score.
 
     student, fake: callables (x_t, t, cond, K) -> x0_hat whose parameters the optimisers hold;
-    teacher: has `.schedule` and `.denoise(x_t, t, cond) -> x0_hat`. Returns a dict of floats.
+    teacher: has `.schedule` and `.denoise(x_t, t, cond) -> x0_hat`; scaler: a torch.amp.GradScaler for fp16
+    autocast, or None. Returns a dict of floats.
     """
-    c = config
-    sch = teacher.schedule
-    B = x_T.shape[0] if x_T is not None else _batch_size(cond)
-    device = x_T.device if x_T is not None else _device(cond)
+    c, sch = config, teacher.schedule
+    B, device = (x_T.shape[0], x_T.device) if x_T is not None else _batch_size_and_device(cond)
     if x_T is None:
         x_T = torch.randn((B, *teacher.sample_shape), device=device)
     # TDM-unify (Eq. (8)): one K per batch, given to student and fake as a condition; each K on its own grid.
@@ -356,10 +353,7 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
     # updates (the fake's target is its detached value), and only one autograd graph is in memory at a time
     # (the student's is freed before the fake builds its own). docs/method.md §9.
     loss_gen = generator_loss(x0_hat, r_cfg, f_x0, c.huber_c, c.loss, c.normalise)
-    opt_student.zero_grad(set_to_none=True)
-    loss_gen.backward()
-    logs = dict(grad_norm=_clip(opt_student, c.grad_clip), loss_gen=loss_gen.item(), K=K)
-    opt_student.step()
+    logs = dict(grad_norm=_update(opt_student, loss_gen, c.grad_clip, scaler), loss_gen=loss_gen.item(), K=K)
 
     # (4) Fake-score update (Eq. (7)) on the student's own prediction (x0_hat from before the student's step).
     for _ in range(c.fake_updates):
@@ -369,13 +363,23 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
             importance_weight(eps_sg, z, sch, t_m, tau, exact=c.importance == "exact")
         r_x0 = teacher.denoise(x_tau, tau, cond) if c.fake_reg else None   # no grad; conditional, like the fake
         loss_fake = fake_score_loss(fak(x_tau, tau, cond), x0_sg, sch, tau, w_is, c.snr_clamp, r_x0, c.fake_reg)
-        opt_fake.zero_grad(set_to_none=True)
-        loss_fake.backward()
-        if c.fake_grad_clip and c.fake_grad_clip > 0:
-            _clip(opt_fake, c.fake_grad_clip)
-        opt_fake.step()
+        _update(opt_fake, loss_fake, c.fake_grad_clip, scaler, norm=False)
         logs.update(loss_fake=loss_fake.item(), w_is=w_is.mean().item())
+    if scaler is not None:
+        scaler.update()
     return logs
+
+
+def _update(opt, loss, max_norm, scaler=None, norm=True):
+    """Backward and optimiser step, clipping the gradient norm at max_norm (> 0); with a GradScaler the loss is
+    scaled for the backward and the gradients unscaled before clipping. -> the norm before clipping, if asked."""
+    opt.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(opt)
+    norm = _clip(opt, max_norm) if norm or (max_norm and max_norm > 0) else None
+    opt.step() if scaler is None else scaler.step(opt)
+    return norm
 
 
 def _clip(opt, max_norm):
@@ -388,13 +392,8 @@ def _clip(opt, max_norm):
     return norms.norm().item()
 
 
-def _batch_size(cond):
-    if torch.is_tensor(cond):
-        return cond.shape[0]
-    return _batch_size(next(iter(cond.values())) if isinstance(cond, dict) else cond[0])
-
-
-def _device(cond):
-    if torch.is_tensor(cond):
-        return cond.device
-    return _device(next(iter(cond.values())) if isinstance(cond, dict) else cond[0])
+def _batch_size_and_device(cond):
+    """(B, device) of the first tensor in an opaque condition (a tensor, or a tuple/list/dict of them)."""
+    while not torch.is_tensor(cond):
+        cond = next(iter(cond.values())) if isinstance(cond, dict) else cond[0]
+    return cond.shape[0], cond.device

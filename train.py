@@ -98,8 +98,9 @@ def parse_args(argv=None):
     g.add_argument("--lora", type=int, default=0, help="image teachers: LoRA rank for student and fake on one shared "
                    "frozen base (0 = full fine-tune of two copies)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="image teachers: auto = bf16 autocast on GPU (the toy always runs in fp32)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="image teachers: auto = bf16 autocast on GPU; fp16 = fp16 autocast with a gradient scaler, "
+                   "as the official code (x0 8x closer to fp32 than bf16, docs/method.md §12); the toy runs in fp32")
     g.add_argument("--grad-checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="image teachers: auto = on for GPU")
     g = p.add_argument_group("logging")
@@ -144,8 +145,8 @@ def check_args(p, args):
     if args.unify and args.lora:
         p.error("--unify needs a full fine-tune: the step-count embedding belongs to the student and the fake, "
                 "not to a shared LoRA base; drop --lora (or --unify)")
-    if points and (args.lora or args.weights or args.precision == "bf16" or args.grad_checkpointing == "on"):
-        p.error("--lora, --weights, --precision bf16 and --grad-checkpointing on are for image teachers (e.g. "
+    if points and (args.lora or args.weights or args.precision in ("bf16", "fp16") or args.grad_checkpointing == "on"):
+        p.error("--lora, --weights, --precision bf16|fp16 and --grad-checkpointing on are for image teachers (e.g. "
                 "--teacher pixart); the toy MLP runs in full, in fp32")
     if not points and args.toy_target:
         p.error(f"--toy-target is for the toy teachers, not --teacher {args.teacher}")
@@ -259,15 +260,24 @@ def pick_device(args):
     return device
 
 
+def half_precision(args, device):
+    """The autocast dtype of the image teachers' network calls: bf16 (--precision bf16, or auto on a GPU), fp16
+    (--precision fp16, with a gradient scaler) or None (fp32)."""
+    if args.precision == "fp16":
+        return torch.float16
+    return torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else None
+
+
 def build_teacher(args, device, log):
-    """The teacher, on `device`. Image teachers: in bf16 under --lora with bf16 (their base is shared, frozen),
-    else fp32; every network call under bf16 autocast on a GPU; the training prompts encoded once (and cached)."""
+    """The teacher, on `device`. Image teachers: weights in fp32, except a --lora base (shared, frozen) in the
+    half precision; every network call under autocast in that precision (bf16 autocast only on a GPU); the
+    training prompts encoded once (and cached)."""
     if TEACHERS[args.teacher].OUTPUT == "points":
         return load_teacher(args.teacher, target=args.toy_target, device=device, log=log)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    half = half_precision(args, device)
     teacher = load_teacher(args.teacher, args.weights, device=device, log=log,
-                           dtype=torch.bfloat16 if bf16 and args.lora else torch.float32,
-                           autocast=torch.bfloat16 if bf16 and device.type == "cuda" else None)
+                           dtype=half if half and args.lora else torch.float32,
+                           autocast=half if half == torch.float16 or device.type == "cuda" else None)
     teacher.use_prompts(read_prompts(args.prompts))
     if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
         teacher.network.gradient_checkpointing = True   # student and fake copies inherit it
@@ -438,8 +448,10 @@ def main(argv=None):
     student, fake = build_student_and_fake(teacher, args)
     share_weights((student, fake), world, args.seed, rank)
     opt_student, opt_fake = build_optimisers(student, fake, args)
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None   # fp16: scaled losses
     config = tdm_config(args)
-    start, ema = restore(resume_state, student, fake, opt_student, opt_fake, args, device, rank, world, progress.log)
+    start, ema = restore(resume_state, student, fake, opt_student, opt_fake, scaler, args, device, rank, world,
+                         progress.log)
     watch = (ToyWatch if teacher.OUTPUT == "points" else ImagePreviews)(teacher, student, ema, args, run_dir, start) \
         if main_proc else None
 
@@ -450,7 +462,7 @@ def main(argv=None):
         cond, uncond = teacher.training_conditions(batch)
         t_step = time.time()
         logs = tdm.tdm_step(student_x0(teacher, student), student_x0(teacher, fake), teacher, cond, uncond,
-                            opt_student, opt_fake, config)
+                            opt_student, opt_fake, config, scaler=scaler)
         update_ema(ema, student, args.ema)
         step_time += time.time() - t_step       # tdm_step's .item() calls have synchronised the GPU already
         done = it + 1
@@ -458,7 +470,8 @@ def main(argv=None):
         if watch:
             watch.after(done, progress.log)
         if done % args.save_every == 0 or done == args.iters:
-            checkpoint(run_dir, done, student, fake, opt_student, opt_fake, ema, teacher, args, config, device, world)
+            checkpoint(run_dir, done, student, fake, opt_student, opt_fake, scaler, ema, teacher, args, config,
+                       device, world)
     progress.close()
     train_time = time.time() - t0
 
@@ -482,7 +495,8 @@ def update_ema(ema, student, decay):
                 ema[k].lerp_(v.to(ema[k].dtype), 1 - decay)
 
 
-def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, ema, teacher, args, config, device, world):
+def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, scaler, ema, teacher, args, config, device,
+               world):
     """Every rank: check the weights agree and gather the RNG streams; rank 0 writes ckpt.* and student.*."""
     check_in_sync(student, world)
     check_in_sync(fake, world)
@@ -490,8 +504,8 @@ def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, ema, teacher
     if not dist.is_initialized() or dist.get_rank() == 0:
         state = dict(student=student.state_dict(), fake=fake.state_dict(), opt_student=opt_student.state_dict(),
                      opt_fake=opt_fake.state_dict(), iteration=torch.tensor(done), rank_rng=rank_rng)
-        save_checkpoint(run_dir, {**state, **({"ema": ema} if ema is not None else {})},
-                        run_meta(teacher, args, config, done))
+        state.update({"ema": ema} if ema is not None else {}, **({"scaler": scaler.state_dict()} if scaler else {}))
+        save_checkpoint(run_dir, state, run_meta(teacher, args, config, done))
 
 
 def student_x0(teacher, net):
@@ -499,8 +513,9 @@ def student_x0(teacher, net):
     return lambda x, t, c, K: teacher.x0(net, x, t, c, K)
 
 
-def restore(state, student, fake, opt_student, opt_fake, args, device, rank, world, log):
-    """-> (first iteration, EMA state or None). Loads a resumed run's networks, optimisers, EMA and RNG streams;
+def restore(state, student, fake, opt_student, opt_fake, scaler, args, device, rank, world, log):
+    """-> (first iteration, EMA state or None). Loads a resumed run's networks, optimisers, gradient scaler, EMA
+    and RNG streams;
     a fresh run with --ema starts the EMA at the student's weights (rank 0 alone keeps, saves and samples it)."""
     start, ema = 0, None
     if state is not None:
@@ -508,6 +523,8 @@ def restore(state, student, fake, opt_student, opt_fake, args, device, rank, wor
         fake.load_state_dict(state["fake"])
         opt_student.load_state_dict(state["opt_student"])
         opt_fake.load_state_dict(state["opt_fake"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         if rank == 0 and "ema" in state:
             ema = {k: v.to(device) for k, v in state["ema"].items()}
         start = int(state["iteration"])
