@@ -1,7 +1,9 @@
-"""Shared test set-up: one torch thread, and a throw-away cache folder (pytest.ini puts the root on sys.path).
+"""Shared pytest set-up: one torch thread, a throw-away cache folder, and the session fixtures built from
+fixtures.py (pytest.ini puts the repository root on sys.path; pytest puts tests/ there for fixtures.py).
 
-teachers.toy_teacher caches fitted toy teachers under $TDM_CACHE (default ~/.cache/tdm); the tests
-point it at a session temporary folder so they never write outside pytest's tmp area.
+teachers.fitted_toy_network caches fitted toy teachers under $TDM_CACHE (default ~/.cache/tdm), and the image
+teachers their prompt embeddings; the tests point it at a session temporary folder so they never write outside
+pytest's tmp area.
 """
 import os
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 import teachers
-from pixart_fixture import PROMPTS, write_tiny_pixart
+from fixtures import PROMPTS, write_tiny_pixart
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,12 +38,12 @@ def _tdm_cache(tmp_path_factory):
 def fast_toy_teacher(tmp_path_factory):
     """A cheap fitted toy teacher for the CLIs.
 
-    The CLIs call load_teacher(name, target=..., log=...) -> toy_teacher(iters=2000), which fits for ~30 s
-    on a cache miss. Here `teachers.fit_toy_teacher` (looked up at call time by toy_teacher) is wrapped to
-    fit for 100 iterations at batch 256 whatever it is asked, in a cache folder of this module's own:
-    the entry is keyed as the 2000-iteration teacher but only this throw-away folder ever sees it.
-    The teacher's quality does not matter to smoke / resume / error tests. Subprocesses (torchrun) inherit
-    $TDM_CACHE and find the entry there.
+    The CLIs call load_teacher("toy", target=..., log=...) -> ToyTeacher.load -> fitted_toy_network, which fits
+    for 2,000 iterations (~30 s) on a cache miss. Here `teachers.fit_toy_teacher` (looked up at call time by
+    fitted_toy_network) is wrapped to fit for 100 iterations at batch 256 whatever it is asked, in a cache folder
+    of this module's own: the entry is keyed as the 2000-iteration teacher but only this throw-away folder ever
+    sees it. The teacher's quality does not matter to smoke / resume / error tests. Subprocesses (torchrun)
+    inherit $TDM_CACHE and find the entry there.
     """
     mp = pytest.MonkeyPatch()
     mp.setenv("TDM_CACHE", str(tmp_path_factory.mktemp("fast_teacher_cache")))
@@ -62,3 +64,9 @@ def tiny_pixart(tmp_path_factory):
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     return write_tiny_pixart(str(root / "PixArt-tiny")), str(prompts)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_ms(tmp_path_factory):
+    """One tiny random 1024-MS-style PixArt pipeline folder (resolution / aspect-ratio micro-conditions), per session."""
+    return write_tiny_pixart(str(tmp_path_factory.mktemp("tiny_pixart_ms") / "PixArt-tiny-ms"), ms=True)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import benchmark
-from models import PixArtConfig, dit_from_config, trainable_lora_views
+from models import trainable_lora_views
+from pixart import PixArtConfig, dit_from_config
 
 TINY = PixArtConfig(num_layers=2, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, sample_size=8,
                     caption_channels=16)

@@ -1,0 +1,246 @@
+"""Builders shared by the tests: random weights, a tiny T5 tokenizer, tiny model folders in the real on-disk layouts.
+
+    from fixtures import PROMPTS, randomize, write_tiny_pixart
+    folder = write_tiny_pixart(tmp_path / "pixart")             # 512-style pipeline: no micro-conditions
+    folder = write_tiny_pixart(tmp_path / "pixart_ms", ms=True)   # 1024-MS-style: resolution / aspect-ratio embedders
+
+One writer per family, each returning the folder it wrote (as str), deterministic for a given seed:
+
+    write_t5_tokenizer   spiece.model (a sentencepiece model trained here) + tokenizer_config.json, written by hand
+    write_tiny_t5        a transformers T5EncoderModel folder (config.json + weights)
+    write_tiny_vae       a diffusers AutoencoderKL folder
+    write_tiny_dit       a diffusers PixArtTransformer2DModel folder (tiny_dit: the module itself)
+    write_tiny_pixart    the pipeline: model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/
+
+The tokenizer folder is written without transformers: the sentencepiece model comes from the `sentencepiece`
+trainer and the json files are the ones transformers' T5Tokenizer.save_pretrained writes (4.x), so the reference
+tokenizers load it with from_pretrained whatever their version's internals. Models are built with diffusers /
+transformers (test-only parity references) and saved with save_pretrained. A pipeline takes about a second on CPU.
+"""
+import io
+import json
+import os
+import random
+
+import torch
+
+PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "an astronaut riding a horse",
+           "a watercolor city skyline", "a macro photo of a bee"]                   # training prompts for tests
+WORDS = ("a photo of cat dog sitting on the red blue green chair under tree with sunset over mountain lake "
+         "astronaut riding horse in space painting by van gogh style highly detailed portrait woman man city "
+         "bowl fruit castle snow forest river neon street night watercolor oil old young robot").split()
+# sentences with punctuation, digits, accents and full-width letters: pieces the tokenizer tests exercise
+EXTRA_SENTENCES = ["Hello, World! 123 café naïve ＡＢＣ", "Numbers 3.14 and 42%"]
+EXTRA_IDS = 100                                   # <extra_id_0..99>, as every T5 tokenizer
+
+T5_DIM = 32
+T5 = dict(d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+          relative_attention_num_buckets=32)
+DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
+           sample_size=8, patch_size=2, caption_channels=T5_DIM, cross_attention_dim=24,
+           norm_type="ada_norm_single", num_embeds_ada_norm=1000)
+DIT_MS = dict(use_additional_conditions=True, interpolation_scale=2)        # the 1024-MS style
+VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           sample_size=64, scaling_factor=0.18215)                           # 4 blocks: factor 8, as the SD VAE
+# scheduler/scheduler_config.json of PixArt-alpha/PixArt-XL-2-512x512 as written by the diffusers conversion
+# script (a default DPMSolverMultistepScheduler); reproduced from memory, not read from the hub.
+SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.22.0.dev0",
+             "algorithm_type": "dpmsolver++", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+             "dynamic_thresholding_ratio": 0.995, "euler_at_final": False, "lambda_min_clipped": float("-inf"),
+             "lower_order_final": True, "num_train_timesteps": 1000, "prediction_type": "epsilon",
+             "sample_max_value": 1.0, "solver_order": 2, "solver_type": "midpoint", "steps_offset": 0,
+             "thresholding": False, "timestep_spacing": "linspace", "trained_betas": None,
+             "use_karras_sigmas": False, "use_lu_lambdas": False, "variance_type": None}
+MODEL_INDEX = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.22.0.dev0",
+               "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+               "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+               "transformer": ["diffusers", "Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def _write_json(obj, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)                  # float("-inf") -> -Infinity, as the hub files
+
+
+#################################################################################
+#                          Random weights                                       #
+#################################################################################
+
+def randomize(module, seed=0, std=None, around_init=False):
+    """Give every parameter Gaussian noise from a generator seeded with `seed` (in parameters() order) and put the
+    module in eval mode. std: fixed, or None = 1/sqrt(fan-in) for matrices and 0.2 for vectors. Default: the noise
+    replaces the values (zero-initialised parameters become non-zero too); around_init=True adds it to the
+    library's initialisation (norm weights stay near 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            s = std if std is not None else (p[0].numel() ** -0.5 if p.ndim >= 2 else 0.2)
+            noise = torch.randn(p.shape, generator=g) * s
+            p.add_(noise) if around_init else p.copy_(noise)
+    return module.eval()
+
+
+#################################################################################
+#                          T5 tokenizer                                         #
+#################################################################################
+
+def sentencepiece_model(seed=0):
+    """The bytes of a small unigram sentencepiece model (pad 0, </s> 1, <unk> 2, no <s>) trained on random
+    sentences of WORDS plus EXTRA_SENTENCES, as T5's spiece.model is laid out."""
+    import sentencepiece as spm
+    rnd = random.Random(seed)
+    corpus = [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(4, 14))) for _ in range(80)] + EXTRA_SENTENCES
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=150,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    return model.getvalue()
+
+
+def write_t5_tokenizer(folder, legacy=True, style="saved", seed=0):
+    """A T5 tokenizer folder: spiece.model and the json files.
+
+    style "saved": tokenizer_config.json with `legacy` and `added_tokens_decoder` (ids and strip flags of the
+    special tokens), as transformers 4.x save_pretrained writes it; "old": the DeepFloyd/t5-v1_1-xxl layout
+    (special tokens by name only, no `legacy` key: the reference's default, legacy behaviour).
+    """
+    import sentencepiece as spm
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        f.write(sentencepiece_model(seed))
+    n = spm.SentencePieceProcessor(model_file=os.path.join(folder, "spiece.model")).get_piece_size()
+    extra = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
+    specials = dict(eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    config = dict(specials, extra_ids=EXTRA_IDS, additional_special_tokens=extra, model_max_length=512)
+    if style == "saved":
+        token = lambda content, strip: dict(content=content, lstrip=strip, normalized=False, rstrip=strip,
+                                            single_word=False, special=True)
+        decoder = {"0": token("<pad>", False), "1": token("</s>", False), "2": token("<unk>", False)}
+        decoder.update({str(n - 1 + EXTRA_IDS - i): token(f"<extra_id_{i}>", True) for i in range(EXTRA_IDS)})
+        config.update(add_prefix_space=True, added_tokens_decoder=decoder, clean_up_tokenization_spaces=False,
+                      legacy=legacy, sp_model_kwargs={}, tokenizer_class="T5Tokenizer")
+    elif style != "old" or not legacy:
+        raise ValueError(f"style {style!r} (legacy={legacy}): expected 'saved', or 'old' with legacy=True")
+    _write_json(config, os.path.join(folder, "tokenizer_config.json"))
+    _write_json(dict(specials, additional_special_tokens=extra), os.path.join(folder, "special_tokens_map.json"))
+    return folder
+
+
+def t5_vocab_size(tokenizer_folder):
+    """Embedding rows of a T5 for this tokenizer: the sentencepiece pieces, the extra ids and 8 unused rows
+    (real T5 checkpoints also have more rows than tokens)."""
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=os.path.join(tokenizer_folder, "spiece.model")).get_piece_size() \
+        + EXTRA_IDS + 8
+
+
+#################################################################################
+#                          Tiny model folders                                   #
+#################################################################################
+
+def tiny_t5_config(vocab_size):
+    import transformers
+    return transformers.T5Config(vocab_size=vocab_size, **T5)
+
+
+def write_tiny_t5(folder, vocab_size, seed=1, **save_kw):
+    """A random tiny transformers T5EncoderModel (gated-GELU, v1.1 style) saved into `folder`."""
+    import transformers
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = randomize(transformers.T5EncoderModel(tiny_t5_config(vocab_size)), seed, std=0.3, around_init=True)
+    model.save_pretrained(os.fspath(folder), **save_kw)
+    return os.fspath(folder)
+
+
+def write_tiny_vae(folder, seed=3, **config):
+    """A random tiny diffusers AutoencoderKL (VAE, overridden by `config`) saved into `folder`."""
+    import diffusers
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = randomize(diffusers.AutoencoderKL(**{**VAE, **config}), seed, std=0.02, around_init=True)
+    vae.save_pretrained(os.fspath(folder))
+    return os.fspath(folder)
+
+
+def tiny_dit(ms=False, seed=2, **config):
+    """A random tiny diffusers PixArtTransformer2DModel (DIT, 1024-MS style with ms, overridden by `config`)."""
+    import diffusers
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return randomize(diffusers.PixArtTransformer2DModel(**{**DIT, **(DIT_MS if ms else {}), **config}), seed)
+
+
+def write_tiny_dit(folder, ms=False, seed=2, legacy_class_name=False, **config):
+    """tiny_dit saved into `folder`. legacy_class_name: config.json names `Transformer2DModel`, as the PixArt-α
+    releases do (diffusers remaps it on load)."""
+    folder = os.fspath(folder)
+    tiny_dit(ms, seed, **config).save_pretrained(folder)
+    if legacy_class_name:
+        path = os.path.join(folder, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        _write_json({**cfg, "_class_name": "Transformer2DModel"}, path)
+    return folder
+
+
+def write_tiny_pixart(folder, ms=False, seed=0):
+    """The tiny PixArt-α pipeline in the layout of PixArt-alpha/PixArt-XL-2-512x512 (ms=True: 1024-MS-style
+    transformer): latents 4 x 8 x 8, images 64 x 64, T5 width 32. Written into `folder` (created); returns it."""
+    folder = os.fspath(folder)
+    sub = lambda name: os.path.join(folder, name)
+    write_t5_tokenizer(sub("tokenizer"), seed=seed)
+    write_tiny_t5(sub("text_encoder"), t5_vocab_size(sub("tokenizer")), seed=seed + 1)
+    write_tiny_dit(sub("transformer"), ms=ms, seed=seed + 2, legacy_class_name=True)
+    write_tiny_vae(sub("vae"), seed=seed + 3)
+    _write_json(SCHEDULER, os.path.join(folder, "scheduler", "scheduler_config.json"))
+    _write_json(MODEL_INDEX, os.path.join(folder, "model_index.json"))
+    return folder
+
+
+def dit_inputs(ms=False, H=8, W=8, seed=1):
+    """(x, t, captions, mask, added_cond_kwargs) for a tiny DiT: 2 latents (4 x H x W), fractional timesteps,
+    6-token captions with random values in the padded slots, a padding mask, micro-conditions when ms."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, H, W, generator=g)
+    t = torch.tensor([999.0, 17.5])
+    y = torch.randn(2, 6, DIT["caption_channels"], generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    added = None
+    if ms:
+        added = {"resolution": torch.tensor([[8.0 * H, 8.0 * W], [1024.0, 1024.0]]),
+                 "aspect_ratio": torch.tensor([[H / W], [1.0]])}
+    return x, t, y, mask, added
+
+
+def reference_keys(entry):
+    """{tensor name: shape} of a real release network from tests/data/architecture_keys.json (see its _about)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "architecture_keys.json")) as f:
+        return {k: tuple(v) for k, v in json.load(f)[entry].items()}
+
+
+#################################################################################
+#                          Old run folders                                      #
+#################################################################################
+
+def to_flat_unify_run(run_dir):
+    """Rewrite a fresh TDM-unify toy run (student, fake and EMA as models.StepCountEmbedding: `net.<key>` and
+    `table.weight`) in the layout of runs written before the step-count embedding moved out of the network: flat keys
+    with `step_emb.weight` in ckpt.safetensors and student.safetensors, and a student.json / ckpt.json whose `network`
+    holds `step_counts`. Parameter order (network, then table) is the same in both layouts, so the optimiser states
+    carry over unchanged."""
+    import train
+    state, meta = train.load_checkpoint(run_dir)
+    assert meta["unify"], "to_flat_unify_run needs a --unify run"
+    for part in ("student", "fake", "ema"):
+        if part in state:
+            assert "table.weight" in state[part] and all(k == "table.weight" or k.startswith("net.")
+                                                         for k in state[part])
+            state[part] = {("step_emb.weight" if k == "table.weight" else k[len("net."):]): v
+                           for k, v in state[part].items()}
+    meta["network"] = {**meta["network"], "step_counts": sorted(meta["unify"])}
+    train.save_checkpoint(run_dir, state, meta)
+    return os.fspath(run_dir)
