@@ -201,6 +201,12 @@ def write_tiny_pixart(folder, ms=False, seed=0):
     return folder
 
 
+def dit_forward(model, x, t, y, mask, added):
+    """model(x, t, captions, mask, added_cond_kwargs) without autograd: our PixArtDiT, or a wrapper of it."""
+    with torch.no_grad():
+        return model(x, t, y, mask, added)
+
+
 def dit_inputs(ms=False, H=8, W=8, seed=1):
     """(x, t, captions, mask, added_cond_kwargs) for a tiny DiT: 2 latents (4 x H x W), fractional timesteps,
     6-token captions with random values in the padded slots, a padding mask, micro-conditions when ms."""
@@ -244,3 +250,22 @@ def to_flat_unify_run(run_dir):
     meta["network"] = {**meta["network"], "step_counts": sorted(meta["unify"])}
     train.save_checkpoint(run_dir, state, meta)
     return os.fspath(run_dir)
+
+
+#################################################################################
+#                          Checks                                               #
+#################################################################################
+
+def alpha_sigma(schedule, t):
+    """(alpha_t, sigma_t) at integer t in float64, straight from the schedule's alphas_cumprod."""
+    ac = schedule.alphas_cumprod[torch.as_tensor(t)]
+    return ac.sqrt(), (1 - ac).sqrt()
+
+
+def assert_png(path):
+    """`path` is a readable PNG file larger than 100 x 100 pixels."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 100 and im.height > 100

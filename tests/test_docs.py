@@ -61,19 +61,37 @@ def test_every_section_cited_in_the_code_exists():
     assert not missing, f"cited sections with no heading in docs/method.md: {missing}"
 
 
-def test_relative_links_resolve():
-    docs = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
-                            if f.endswith(".md")]
+def broken_links(root, md_files):
+    """(relative links checked, '<file>: <target>' of those whose file does not exist) in these markdown files."""
     broken, checked = [], 0
-    for rel in docs:
-        for groups in LINK.findall(read(rel)):
+    for rel in md_files:
+        with open(os.path.join(root, rel), encoding="utf-8") as f:
+            text = f.read()
+        for groups in LINK.findall(text):
             target = next(g for g in groups if g)
             if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
                 continue                                        # http(s), mailto, ... and same-page anchors
             path = target.split("#")[0].split("?")[0]
             checked += 1
-            if not os.path.exists(os.path.normpath(os.path.join(ROOT, os.path.dirname(rel), path))):
+            if not os.path.exists(os.path.normpath(os.path.join(root, os.path.dirname(rel), path))):
                 broken.append(f"{rel}: {target}")
+    return checked, broken
+
+
+def test_link_checker(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("[ok](../README.md#top) ![img](b.png \"t\") [web](https://x.org) [here](#s)\n"
+                                            "[gone](missing.md) <img src=\"c.png\">\n[ref]: b.png\n")
+    (tmp_path / "README.md").write_text("")
+    (tmp_path / "docs" / "b.png").write_bytes(b"")
+    assert broken_links(str(tmp_path), [os.path.join("docs", "a.md")]) == (5, ["docs/a.md: missing.md",
+                                                                             "docs/a.md: c.png"])
+
+
+def test_relative_links_resolve():
+    docs = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                            if f.endswith(".md")]
+    checked, broken = broken_links(ROOT, docs)
     assert checked >= 10 and not broken, broken
 
 

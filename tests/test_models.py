@@ -12,15 +12,10 @@ import pytest
 import torch
 
 import models as M
-from fixtures import DIT, dit_inputs, randomize
+from fixtures import DIT, dit_forward, dit_inputs, randomize
 from pixart import PixArtConfig, PixArtDiT, dit_from_config
 
 TINY = PixArtConfig.from_json(DIT)
-
-
-def ours(model, x, t, y, mask, added):
-    with torch.no_grad():
-        return model(x, t, y, mask, added)
 
 
 #################################################################################
@@ -163,6 +158,42 @@ def test_json_config_names_what_is_not_implemented(config, words, tmp_path):
 
 
 #################################################################################
+#                          Shared layers                                        #
+#################################################################################
+
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = torch.tensor([0.0, 1.0, 17.5, 500.0, 999.0])
+    for dim, flip, shift in ((256, True, 0.0), (128, True, 0.0), (64, False, 1.0), (33, True, 0.0)):
+        ref = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+        assert torch.allclose(M.timestep_embedding(t, dim, flip_sin_to_cos=flip, shift=shift), ref, atol=1e-6), dim
+
+
+def test_attention_is_scaled_dot_product_over_heads():
+    """Self- and cross-attention against the explicit softmax(q k^T / sqrt(d_head) + bias) v per head; the VAE's
+    attention block reuses the same module (and key names)."""
+    import vae
+    torch.manual_seed(0)
+    attn = M.Attention(8, heads=2, context_dim=6)
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    bias = torch.tensor([0.0, 0.0, -1e4])[None, None, None].expand(2, 1, 1, 3)       # the last key masked out
+
+    def explicit(x, ctx, bias):
+        split = lambda z: z.reshape(2, -1, 2, 4).transpose(1, 2)                      # (B, heads, L, 4)
+        q, k, v = split(attn.to_q(x)), split(attn.to_k(ctx)), split(attn.to_v(ctx))
+        w = (q @ k.transpose(-1, -2) / 4 ** 0.5 + (0 if bias is None else bias)).softmax(-1)
+        return attn.to_out[0]((w @ v).transpose(1, 2).reshape(2, -1, 8))
+    with torch.no_grad():
+        assert torch.allclose(attn(x, ctx, bias), explicit(x, ctx, bias), atol=1e-6)
+        assert torch.allclose(attn(x, ctx, bias), attn(x, ctx[:, :2]), atol=1e-6)     # masked = absent
+        self_attn = M.Attention(8, heads=2)
+        assert self_attn(x).shape == (2, 5, 8)
+    assert issubclass(vae.AttentionBlock, M.Attention)
+    assert {k for k in vae.AttentionBlock(8, 4).state_dict()} >= {"to_q.weight", "to_k.weight", "to_v.weight",
+                                                                   "to_out.0.weight", "group_norm.weight"}
+
+
+#################################################################################
 #                          LoRA                                                 #
 #################################################################################
 
@@ -171,7 +202,7 @@ def lora_model():
     torch.manual_seed(0)
     model = randomize(dit_from_config(TINY), seed=3)
     x, t, y, mask, _ = dit_inputs()
-    base_out = ours(model, x, t, y, mask, None)
+    base_out = dit_forward(model, x, t, y, mask, None)
     M.add_lora(model, rank=4, alpha=8)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
@@ -185,14 +216,14 @@ def test_lora_adapters(lora_model):
     model, base_out, args = lora_model
     assert len(M.lora_layers(model)) == 2 * len(M.LORA_TARGETS)
     with M.use_adapter(model, None):
-        assert torch.equal(ours(model, *args), base_out)
+        assert torch.equal(dit_forward(model, *args), base_out)
     with M.use_adapter(model, "student"):
-        student = ours(model, *args)
+        student = dit_forward(model, *args)
         with M.use_adapter(model, "fake"):
-            fake = ours(model, *args)
-        assert torch.equal(ours(model, *args), student)          # restored on exit
+            fake = dit_forward(model, *args)
+        assert torch.equal(dit_forward(model, *args), student)          # restored on exit
     assert (student - base_out).abs().max() > 1e-3 and (fake - student).abs().max() > 1e-3
-    assert torch.equal(ours(model, *args), base_out)              # outside: base again
+    assert torch.equal(dit_forward(model, *args), base_out)              # outside: base again
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert len(trainable) == 2 * 2 * 2 * len(M.LORA_TARGETS)   # 2 adapters x (A, B) x layers
@@ -213,7 +244,7 @@ def test_lora_keeps_base_keys_and_state_dict_round_trips(lora_model):
     M.add_lora(fresh, rank=4, alpha=8)
     M.load_lora_state_dict(fresh, lsd, "fake")                    # a student snapshot loads into any slot
     with M.use_adapter(model, "student"), M.use_adapter(fresh, "fake"):
-        assert torch.equal(ours(fresh, *args), ours(model, *args))
+        assert torch.equal(dit_forward(fresh, *args), dit_forward(model, *args))
     with pytest.raises(ValueError, match="rank"):
         M.load_lora_state_dict(fresh, {k: v[:2] if "lora_A" in k else v for k, v in lsd.items()}, "student")
 
@@ -223,9 +254,9 @@ def test_lora_views_share_one_frozen_base():
     adapter's only, its forward runs with that adapter on, and at init (B = 0) every view is the base network."""
     model = randomize(dit_from_config(TINY), seed=5)
     args = dit_inputs()[:4]
-    base_out = ours(model, *args, None)
+    base_out = dit_forward(model, *args, None)
     student, fake = M.trainable_lora_views(model, rank=2)
-    assert all(torch.equal(ours(v, *args, None), base_out) for v in (student, fake))
+    assert all(torch.equal(dit_forward(v, *args, None), base_out) for v in (student, fake))
     own = {id(p) for p in M.lora_parameters(model, "student")}
     assert {id(p) for p in student.parameters()} == own and all(p.requires_grad for p in student.parameters())
     assert all(p.dtype == torch.float32 for p in student.parameters())
@@ -234,10 +265,10 @@ def test_lora_views_share_one_frozen_base():
     with torch.no_grad():
         for p in M.lora_parameters(model, "student")[1::2]:                                      # the B matrices
             p.normal_()
-    assert not torch.equal(ours(student, *args, None), base_out) and torch.equal(ours(fake, *args, None), base_out)
+    assert not torch.equal(dit_forward(student, *args, None), base_out) and torch.equal(dit_forward(fake, *args, None), base_out)
     assert all(m.active is None for m in M.lora_layers(model))                  # each view switches back off
     fake.load_state_dict(student.state_dict())
-    assert torch.equal(ours(fake, *args, None), ours(student, *args, None))
+    assert torch.equal(dit_forward(fake, *args, None), dit_forward(student, *args, None))
     with pytest.raises(ValueError, match="no LoRA layers"):
         M.use_adapter(dit_from_config(TINY, device="meta"), "student")
 
@@ -301,7 +332,7 @@ def test_step_embedding_starts_as_identity_then_conditions_on_K():
     once it is non-zero, K changes the output; an unsupported K is an error, not a silent row 0."""
     dit = randomize(PixArtDiT(TINY))
     x, t, y, mask, _ = dit_inputs()
-    plain = ours(dit, x, t, y, mask, None)
+    plain = dit_forward(dit, x, t, y, mask, None)
     net = M.StepCountEmbedding(dit, [4, 1, 2])
     assert net.step_counts == [1, 2, 4] and net.table.weight.shape == (3, dit.emb_dim)
     assert set(net.state_dict()) == {"table.weight"} | {"net." + k for k in dit.state_dict()}

@@ -13,7 +13,7 @@ from diffusers import PixArtTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 import pixart as P
-from fixtures import DIT, DIT_MS, dit_inputs, reference_keys, tiny_dit
+from fixtures import DIT, DIT_MS, dit_forward, dit_inputs, reference_keys, tiny_dit
 
 STYLES = ("512", "ms")
 TOL = 1e-5
@@ -34,11 +34,6 @@ def reference(dm, x, t, y, mask, added):
     with torch.no_grad():
         return dm(x, encoder_hidden_states=y, timestep=t, added_cond_kwargs=added,
                   encoder_attention_mask=mask, return_dict=False)[0]
-
-
-def ours(model, x, t, y, mask, added):
-    with torch.no_grad():
-        return model(x, t, y, mask, added)
 
 
 @pytest.fixture(scope="module", params=STYLES)
@@ -69,20 +64,20 @@ def test_parity_with_diffusers(saved, layout):
     assert model.config.use_additional_conditions == (style == "ms")
     for H, Wd in [(8, 8), (8, 12), (12, 8)]:          # trained grid, and non-square grids (pos-embed recomputed)
         args = make_inputs(style, H, Wd)
-        ref, out = reference(dm, *args), ours(model, *args)
+        ref, out = reference(dm, *args), dit_forward(model, *args)
         assert out.shape == (2, 8, H, Wd)
         assert (out - ref).abs().max().item() < TOL
         x, t, y, _, added = args
-        assert (ours(model, x, t, y, None, added) - out).abs().max() > 1e-2   # the padding mask matters
+        assert (dit_forward(model, x, t, y, None, added) - out).abs().max() > 1e-2   # the padding mask matters
 
 
 def test_bfloat16_load_runs_close_to_fp32(saved):
     style, dm, root = saved
     x, t, y, mask, added = make_inputs(style)
-    ref = ours(P.load_pixart(str(root / "model")), x, t, y, mask, added)
+    ref = dit_forward(P.load_pixart(str(root / "model")), x, t, y, mask, added)
     model = P.load_pixart(root / "model", dtype=torch.bfloat16)            # a pathlib.Path works too
     assert model.proj_out.weight.dtype == torch.bfloat16
-    out = ours(model, x.bfloat16(), t, y.bfloat16(), mask, added)
+    out = dit_forward(model, x.bfloat16(), t, y.bfloat16(), mask, added)
     assert out.dtype == torch.float32                   # the output projection runs in fp32 (docs/method.md §12)
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
@@ -92,10 +87,10 @@ def test_micro_conditions_matter_and_are_required(saved):
     model = P.load_pixart(str(root / "model"))
     x, t, y, mask, added = make_inputs("ms")
     if style != "ms":                                  # the 512 model has no size embedders: kwargs are ignored
-        assert torch.equal(ours(model, x, t, y, mask, added), ours(model, x, t, y, mask, None))
+        assert torch.equal(dit_forward(model, x, t, y, mask, added), dit_forward(model, x, t, y, mask, None))
         return
     other = {"resolution": added["resolution"] * 2, "aspect_ratio": added["aspect_ratio"]}
-    assert (ours(model, x, t, y, mask, other) - ours(model, x, t, y, mask, added)).abs().max() > 1e-3
+    assert (dit_forward(model, x, t, y, mask, other) - dit_forward(model, x, t, y, mask, added)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="added_cond_kwargs"):
         model(x, t, y, mask, None)
 
@@ -168,7 +163,7 @@ def test_original_pth_parity(saved, tmp_path):
     model = P.load_pixart(str(tmp_path / name), config=tiny_config(style))
     for H, Wd in [(8, 8), (8, 12)]:
         args = make_inputs(style, H, Wd)
-        assert (ours(model, *args) - reference(dm, *args)).abs().max().item() < TOL
+        assert (dit_forward(model, *args) - reference(dm, *args)).abs().max().item() < TOL
     assert torch.equal(model.null_caption, sd["y_embedder.y_embedding"])
     with pytest.raises(ValueError, match="num_layers"):    # without config: the release config (28 layers)
         P.load_pixart(str(tmp_path / name))

@@ -2,7 +2,6 @@
 back (including runs written in older layouts), and the sampling CLI with its errors. `§N` is docs/method.md's
 section N (§10: sampling the student).
 """
-import json
 import os
 
 import diffusers
@@ -13,7 +12,7 @@ import sample as S
 import tdm
 import teachers
 import train
-from fixtures import to_flat_unify_run
+from fixtures import assert_png, to_flat_unify_run
 from models import StepCountEmbedding
 
 diffusers.utils.logging.set_verbosity_error()
@@ -138,6 +137,24 @@ def test_dpm_solver_pp_student_grid_and_first_order_is_ddim():
         assert (a - b).abs().max() < TOL                      # 1-2 steps: DPM-Solver++ is first order throughout
 
 
+def test_teacher_sampler_is_cfg_ddim_or_dpm_from_999():
+    """sample.teacher_sample: N-step DDIM on tdm.time_grid(N, 999) (trailing), or DPM-Solver++ on diffusers'
+    linspace timesteps, both on the CFG-combined x0 of one batched call per step."""
+    gmm = teachers.ring_target()
+    schedule = tdm.Schedule()
+    teacher = type("T", (), dict(schedule=schedule, denoise=lambda self, x, t, c: gmm.denoise(
+        x, schedule.alpha(t), schedule.sigma(t), c)))()
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(8))
+    cond, uncond = torch.arange(64) % 2, torch.full((64,), 2)
+    guided = lambda x, t, c: tdm.cfg_denoise(teacher.denoise, x, t, c, uncond, 3.0)
+    assert torch.equal(S.teacher_sample(teacher, x_T, cond, uncond, 5, cfg=3.0),
+                       tdm.sample(guided, x_T, cond, schedule, tdm.time_grid(5, 999)))
+    assert torch.equal(S.teacher_sample(teacher, x_T, cond, uncond, 5, cfg=3.0, solver="dpm"),
+                       S.dpm_solver_pp(guided, x_T, cond, schedule, 5))
+    assert not torch.equal(S.teacher_sample(teacher, x_T, cond, uncond, 5, cfg=1.0),
+                           S.teacher_sample(teacher, x_T, cond, uncond, 5, cfg=3.0))
+
+
 def test_dpm_solver_pp_bad_arguments():
     sch = tdm.Schedule()
     x = torch.zeros(1, 2)
@@ -238,33 +255,25 @@ def test_student_samplers_on_the_grid(runs):
 #                          The CLI                                              #
 #################################################################################
 
-def _png_ok(path):
-    from PIL import Image
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.width > 100 and im.height > 100
-
-
 def test_cli(runs, tmp_path, monkeypatch, capsys):
     sampled, real = [], S.student_sample
     monkeypatch.setattr(S, "student_sample", lambda *a, **k: sampled.append(real(*a, **k)) or sampled[-1])
     S.main(["--student", runs["plain"], "--steps", "1", "--n", "500", "--out", str(tmp_path / "s.png")])
     S.main(["--teacher", "toy-exact", "--steps", "8", "--n", "500", "--out", str(tmp_path / "t.png")])
-    _png_ok(tmp_path / "s.png")
-    _png_ok(tmp_path / "t.png")
+    assert_png(tmp_path / "s.png")
+    assert_png(tmp_path / "t.png")
     # --solver dpm for a student: at K = 1 exactly the DDIM sample, at K = 4 another one
     for K in ("1", "4"):
         for solver in ("ddim", "dpm"):
             out = tmp_path / f"s{K}_{solver}.png"
             S.main(["--student", runs["plain"], "--steps", K, "--n", "500", "--solver", solver, "--out", str(out)])
-            _png_ok(out)
+            assert_png(out)
             assert f"student {K} step{'s' * (K != '1')} {solver.upper()}" in capsys.readouterr().out
     assert len(sampled) == 5 and all(x.shape == (500, 2) for x in sampled)
     assert torch.equal(sampled[1], sampled[2]) and torch.equal(sampled[0], sampled[1])   # K = 1: dpm = ddim
     assert (sampled[3] - sampled[4]).abs().max() > 1e-3                                   # K = 4: they differ
     S.main(["--student", runs["unify"], "--steps", "2", "--n", "500", "--solver", "dpm", "--out", str(tmp_path / "u.png")])
-    _png_ok(tmp_path / "u.png")
+    assert_png(tmp_path / "u.png")
 
 
 @pytest.mark.parametrize("argv,why", [

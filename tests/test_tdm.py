@@ -14,15 +14,10 @@ import torch
 import eval as ev
 import tdm
 import teachers
+from fixtures import alpha_sigma as _at
 from models import ToyMLP, timestep_embedding
 
 EPS32 = torch.finfo(torch.float32).eps   # 1.19e-7
-
-
-def _at(sch, t):
-    """(alpha, sigma) at integer t in float64, straight from alphas_cumprod."""
-    ac = sch.alphas_cumprod[torch.as_tensor(t)]
-    return ac.sqrt(), (1 - ac).sqrt()
 
 
 def _rotated_gaussian():

@@ -5,7 +5,6 @@ clear errors for bad folders). `§N` is docs/method.md's section N.
 """
 import copy
 import json
-import math
 import os
 import shutil
 
@@ -20,19 +19,13 @@ import sample as S
 import t5
 import tdm
 import teachers as P
-from fixtures import DIT, dit_inputs, randomize
+from fixtures import DIT, alpha_sigma as _at, dit_inputs, randomize
 
 transformers.logging.set_verbosity_error()
 diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()
 PROMPTS = ["A photo of a cat sitting on the red chair", "astronaut riding a horse in space, van gogh style", ""]
 TOL = 1e-5
-
-
-def _at(sch, t):
-    """(alpha, sigma) at integer t in float64, straight from alphas_cumprod."""
-    ac = sch.alphas_cumprod[torch.as_tensor(t)]
-    return ac.sqrt(), (1 - ac).sqrt()
 
 
 def ref_alphas_cumprod():
@@ -405,6 +398,28 @@ def test_encode_caches_per_prompt_and_runs_t5_once(folders, tmp_path, monkeypatc
     with open(other / "text_encoder" / "config.json", "a") as f:
         f.write("\n")
     assert load_pixart(str(other), log=None).cache_folder != second.cache_folder
+
+
+def test_encoder_options_and_folder_checks(folders, tmp_path, monkeypatch):
+    """keep_encoder keeps the text encoder after encoding (free_encoder drops it), encoder_batch sets how many new
+    prompts go through it per call, encoder_dtype its precision; the folder checks are classmethods."""
+    monkeypatch.setenv("TDM_CACHE", str(tmp_path / "cache"))
+    runs, real_run = [], P.PixArtTeacher._run_encoder
+    monkeypatch.setattr(P.PixArtTeacher, "_run_encoder", lambda self, texts: runs.append(list(texts)) or
+                        real_run(self, texts))
+    kept = load_pixart(folders["512"], keep_encoder=True, encoder_batch=2, encoder_dtype=torch.bfloat16, log=None)
+    kept.encode(["one", "two", "three"])
+    assert runs == [["one", "two"], ["three", ""]] and kept._encoder is not None
+    assert kept.encoder_dtype == torch.bfloat16 and kept.dtype == torch.float32
+    assert kept._rows["one"].dtype == torch.bfloat16                   # cached as the encoder computed it
+    assert kept.encode(["one"])[0].dtype == torch.float32              # handed out in the teacher's dtype
+    kept.free_encoder()
+    assert kept._encoder is None
+    P.PixArtTeacher.check_layout(folders["512"])
+    assert P.PixArtTeacher.check_scheduler_config(folders["512"])["prediction_type"] == "epsilon"
+    assert P.PixArtTeacher.check_scheduler_config(str(tmp_path)) is None          # no scheduler/: nothing to check
+    with pytest.raises(FileNotFoundError, match="is not a complete diffusers pixart pipeline folder"):
+        P.PixArtTeacher.check_layout(str(tmp_path))
 
 
 def test_uncond_is_the_empty_prompt(teacher):

@@ -20,18 +20,10 @@ from PIL import Image
 import sample
 import teachers
 import train
-from fixtures import to_flat_unify_run
+from fixtures import assert_png, to_flat_unify_run
 from models import StepCountEmbedding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _png_ok(path):
-    from PIL import Image
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.width > 100 and im.height > 100
 
 
 #################################################################################
@@ -40,16 +32,17 @@ def _png_ok(path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
-def test_cli_smoke(fast_toy_teacher, tmp_path, device, capsys, monkeypatch):
+def test_cli_smoke(fast_toy_teacher, tmp_path, device, capsys):
     run = train.main(["--out", str(tmp_path), "--name", "smoke", "--iters", "4", "--batch", "64", "--figure-n", "2000",
                       "--eval-every", "2", "--eval-n", "500", "--final-eval-n", "500", "--save-every", "2",
                       "--device", device])
     assert ("peak GPU memory" in capsys.readouterr().out) == (device == "cuda")     # it trained where asked
     assert os.path.normpath(run) == os.path.normpath(tmp_path / "smoke")
     for f in ("student.safetensors", "student.json", "ckpt.safetensors", "ckpt.json", "metrics.jsonl",
-              "metrics.json", "figure.png"):
+              "metrics.json", "figure.png", "curve.png"):
         assert os.path.getsize(os.path.join(run, f)) > 0, f
-    _png_ok(os.path.join(run, "figure.png"))
+    assert_png(os.path.join(run, "figure.png"))
+    assert_png(os.path.join(run, "curve.png"))
     with open(os.path.join(run, "metrics.jsonl")) as fh:
         curve = [json.loads(line) for line in fh]
     assert [r["iteration"] for r in curve] == [0, 2, 4] and all(math.isfinite(r["sw2_4"]) for r in curve)
@@ -62,8 +55,8 @@ def test_cli_smoke(fast_toy_teacher, tmp_path, device, capsys, monkeypatch):
 
     sample.main(["--student", run, "--steps", "1", "--n", "500", "--out", str(tmp_path / "s.png")])
     sample.main(["--teacher", "toy-exact", "--steps", "8", "--n", "500", "--out", str(tmp_path / "t.png")])
-    _png_ok(tmp_path / "s.png")
-    _png_ok(tmp_path / "t.png")
+    assert_png(tmp_path / "s.png")
+    assert_png(tmp_path / "t.png")
 
 
 def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path):
@@ -93,7 +86,7 @@ def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path):
     assert isinstance(net, StepCountEmbedding) and "table.weight" in sample.read_state_dict(
         os.path.join(old, "student.safetensors"))
     sample.main(["--student", old, "--steps", "2", "--n", "300", "--out", str(tmp_path / "old.png")])
-    _png_ok(tmp_path / "old.png")
+    assert_png(tmp_path / "old.png")
     # and training did change the student (so equality is not trivial)
     fresh = teachers.copy_network(teachers.load_teacher("toy", target="ring", log=None).network, (1, 2, 4))
     assert any(not torch.equal(b["student"][k], v) for k, v in fresh.state_dict().items())
@@ -155,7 +148,7 @@ def test_progress_in_a_log_is_plain_lines(fast_toy_teacher, tmp_path, capsys):
 
 def test_pixart_defaults_are_the_official_recipe_and_the_toy_departs_where_documented():
     """PixArt keeps the official interval and Min-SNR-5 fake; the toy uses the shared interval and the eps-MSE fake
-    (README, "Stability"); an explicit flag wins over either."""
+    (docs/toy-results.md, "Stability over long runs"); an explicit flag wins over either."""
     toy, pixart = train.parse_args([]), train.parse_args(["--teacher", "pixart"])
     assert (toy.interval, toy.snr_clamp) == ("shared", 1000.0)
     assert (pixart.interval, pixart.snr_clamp, pixart.cfg, pixart.lr_fake) == ("separate", 5.0, 4.5, 2e-5)
