@@ -103,8 +103,9 @@ def write_t5_tokenizer(folder, legacy=True, style="saved", seed=0):
     """A T5 tokenizer folder: spiece.model and the json files.
 
     style "saved": tokenizer_config.json with `legacy` and `added_tokens_decoder` (ids and strip flags of the
-    special tokens), as transformers 4.x save_pretrained writes it; "old": the DeepFloyd/t5-v1_1-xxl layout
-    (special tokens by name only, no `legacy` key: the reference's default, legacy behaviour).
+    special tokens) and added_tokens.json, as transformers 4.x save_pretrained writes them; "old": the
+    DeepFloyd/t5-v1_1-xxl layout (special tokens by name only, no `legacy` key: the reference's default, legacy
+    behaviour).
     """
     import sentencepiece as spm
     folder = os.fspath(folder)
@@ -121,7 +122,9 @@ def write_t5_tokenizer(folder, legacy=True, style="saved", seed=0):
         decoder = {"0": token("<pad>", False), "1": token("</s>", False), "2": token("<unk>", False)}
         decoder.update({str(n - 1 + EXTRA_IDS - i): token(f"<extra_id_{i}>", True) for i in range(EXTRA_IDS)})
         config.update(add_prefix_space=True, added_tokens_decoder=decoder, clean_up_tokenization_spaces=False,
-                      legacy=legacy, sp_model_kwargs={}, tokenizer_class="T5Tokenizer")
+                      legacy=legacy, model_max_length=int(1e30), sp_model_kwargs={}, tokenizer_class="T5Tokenizer")
+        _write_json({f"<extra_id_{i}>": n - 1 + EXTRA_IDS - i for i in range(EXTRA_IDS)},
+                    os.path.join(folder, "added_tokens.json"))
     elif style != "old" or not legacy:
         raise ValueError(f"style {style!r} (legacy={legacy}): expected 'saved', or 'old' with legacy=True")
     _write_json(config, os.path.join(folder, "tokenizer_config.json"))
