@@ -337,8 +337,10 @@ def fitted_toy_network(gmm, iters=None, seed=0, log=print):
     iters = iters or max(2000, 250 * len(gmm.weights))
     key = hashlib.sha1(json.dumps([gmm.spec(), iters, seed, "v-pred 128x3"]).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir(), f"toy_teacher_{gmm.name}_{key}.safetensors")
+    # Built on both paths: its initialisation draws from the global RNG, so a run draws the same noise whether
+    # the fit was cached or not.
+    net = toy_mlp(dim=gmm.dim, n_classes=gmm.n_classes)
     if os.path.exists(path):
-        net = toy_mlp(dim=gmm.dim, n_classes=gmm.n_classes)
         net.load_state_dict(read_state_dict(path))
         return net.eval().requires_grad_(False)
     if log:
