@@ -197,6 +197,8 @@ def main(argv=None):
         p.error(f"--n {a.n}: the metrics need at least 2 samples per sampler")
     if a.teacher is not None and a.teacher not in TEACHERS:
         p.error(f"--teacher {a.teacher}: expected one of {', '.join(TEACHERS)}")
+    if a.teacher is not None and TEACHERS[a.teacher].OUTPUT != "points":
+        p.error(f"--teacher {a.teacher}: eval.py computes the exact toy metrics only (toy, toy-exact)")
     student, meta = (None, {})
     if a.run:
         meta = read_run_meta(a.run)
@@ -210,8 +212,6 @@ def main(argv=None):
                     + (f", K in {meta['unify']} (TDM-unify)" if meta.get("unify") else ""))
     else:
         teacher = load_teacher(a.teacher or "toy", target=a.toy_target or "ring")
-    if teacher.OUTPUT != "points":
-        p.error(f"--teacher {a.teacher}: eval.py computes the exact toy metrics only (toy, toy-exact)")
     cfg = a.cfg if a.cfg is not None else meta.get("cfg", 1.0)
     rows = evaluate(teacher, student, n=a.n, cfg=cfg, teacher_steps=teacher_steps, student_steps=student_steps,
                     t_max=meta.get("t_max", 899), unify=bool(meta.get("unify")), seed=a.seed, solver=a.solver)

@@ -48,8 +48,9 @@ class VAEConfig(JSONConfig):
         bad = [t for t in self.down_block_types if t != "DownEncoderBlock2D"]
         bad += [t for t in self.up_block_types if t != "UpDecoderBlock2D"]
         if bad or len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(f"unsupported AutoencoderKL variant (blocks {bad or list(self.down_block_types)}); only "
-                             f"{n} DownEncoderBlock2D / UpDecoderBlock2D (the SD / SDXL VAE) are implemented")
+            raise ValueError(f"down_block_types={list(self.down_block_types)}, up_block_types={list(self.up_block_types)}"
+                             f" is not implemented; only {n} DownEncoderBlock2D / UpDecoderBlock2D each (the SD / SDXL "
+                             "VAE)")
 
 
 def sd_vae_config():    # SD1.x / sd-vae-ft-ema / sd-vae-ft-mse (kl-f8), also PixArt-α's

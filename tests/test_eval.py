@@ -150,10 +150,7 @@ def test_cli_seed_and_solver(run, tmp_path, monkeypatch):
     (["--teacher-steps", "0"], "--teacher-steps '0': step counts must be at least 1"),
     (["--n", "1"], "--n 1: the metrics need at least 2 samples per sampler"),
     (["--teacher", "nope"], "--teacher nope: expected one of toy, toy-exact, pixart"),
-    pytest.param(["--teacher", "pixart"], "eval.py computes the exact toy metrics only", marks=pytest.mark.xfail(
-        strict=True, raises=ValueError, reason="source bug: eval.main (eval.py:212) loads the teacher before its "
-        "OUTPUT check (line 213), so --teacher pixart raises load_teacher's ValueError ('needs --weights DIR') with a "
-        "traceback instead of the argparse error")),
+    (["--teacher", "pixart"], "eval.py computes the exact toy metrics only"),
     (["--solver", "heun"], "argument --solver: invalid choice: 'heun'"),
     (["RUN", "--student-steps", "901"], "--student-steps [901]: this student samples at K <= 900")])
 def test_bad_flags_exit_with_one_error_line(run, argv, why, capsys):

@@ -179,10 +179,8 @@ def _hf_config(feed_forward_proj, **change):
 @pytest.mark.parametrize("config,words", [
     (_hf_config("relu"), r"feed_forward_proj 'relu'\) does not hold a T5 v1.1 encoder"),
     (_hf_config("gated-gelu", model_type="bert"), r"model_type 'bert'"),
-    pytest.param(_hf_config("gated-gelu_fast"), r"feed_forward_proj|dense_act_fn", marks=pytest.mark.xfail(
-        strict=True, reason="source: t5.T5Config.__post_init__ says \"T5 activation 'gelu_fast' is not implemented\" "
-                            "without naming the key (feed_forward_proj / dense_act_fn)")),
-    (_hf_config("gated-gelu_fast"), r"T5 activation 'gelu_fast' is not implemented")])
+    (_hf_config("gated-gelu_fast"), r"dense_act_fn='gelu_fast' \(from feed_forward_proj='gated-gelu_fast'\) is "
+                                    r"not implemented")])
 def test_from_json_rejects_unimplemented_values_naming_the_key(config, words):
     with pytest.raises(ValueError, match=words):
         T5Config.from_json(config)

@@ -590,3 +590,25 @@ def test_unclipped_grad_norm_is_the_global_norm():
     assert tdm._clip(opt, 0.0) == pytest.approx(13.0)             # sqrt(9 + 16 + 144)
     assert tdm._clip(opt, 6.5) == pytest.approx(13.0)             # returns the norm before clipping ...
     assert ps[1].grad[1, 1].item() == pytest.approx(6.0)          # ... and scales by 6.5 / 13
+
+
+def test_grad_scaler_gives_the_same_step_in_fp32():
+    """tdm_step with a GradScaler (--precision fp16) scales both losses by a power of two before backward and
+    unscales the gradients before clipping and the step: in fp32, where nothing overflows, multiplying and
+    dividing by 2^16 is exact, so both networks and the logged norm must come out bit-identical. The scaler
+    must also have seen both optimisers' gradients (its per-iteration state is reset by update())."""
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)):
+        teacher, student, fake, x0_of = _toy_setup(())
+        opt_s, opt_f = (torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.0, 0.95)) for m in (student, fake))
+        torch.manual_seed(3)
+        labels = teacher.sample_labels(64, torch.Generator().manual_seed(1))
+        logs = tdm.tdm_step(x0_of(student), x0_of(fake), teacher, teacher.encode(labels), teacher.uncond(64),
+                            opt_s, opt_f, tdm.TDMConfig(K=4, cfg=2.0), scaler=scaler)
+        results.append((student.state_dict(), fake.state_dict(), logs))
+        if scaler is not None:
+            assert scaler.get_scale() == 2.0 ** 16                     # no inf found: the scale is kept
+    (s0, f0, l0), (s1, f1, l1) = results
+    assert all(torch.equal(s0[k], s1[k]) for k in s0) and all(torch.equal(f0[k], f1[k]) for k in f0)
+    assert l0["grad_norm"] == l1["grad_norm"] and l0["loss_fake"] == l1["loss_fake"]
+    assert any(not torch.equal(s0[k], teachers.copy_network(teacher.network).state_dict()[k]) for k in s0)

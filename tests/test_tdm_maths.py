@@ -1,7 +1,8 @@
 """Tests of the TDM method itself (tdm.py) on the Gaussian-mixture teacher, each with a closed form to meet.
 
-They guard properties that the toy sanity checks (test_toy.py) leave open, each of which a plausible slip
-breaks while every other test still passes (tests/wrong_maths.py applies those slips and runs the tests):
+They guard properties that the sanity checks of the maths (tests/test_tdm.py) leave
+open: a slip in guidance, in the step draw or in the use of the importance weight passes all of those
+(tests/wrong_maths.py applies such slips to a copy of tdm.py and runs both files):
   * classifier-free guidance combines the conditional and unconditional denoisers the right way round;
   * one iteration (docs/method.md §9) sends the generator's gradient (§7) to every student step with
     frequency 1/K, along r_cfg - f;
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 import tdm
-from teachers import GMM, ring_target
+from fixtures import alpha_sigma
+from teachers import ring_target
 
 EPS32 = 2.0 ** -24      # unit roundoff of float32: |fl(x) - x| <= EPS32 |x|
 EPS64 = 2.0 ** -53
@@ -42,12 +44,6 @@ class GMMTeacher:
         """The guided denoiser x0_u + cfg (x0_c - x0_u), straight from the two closed forms."""
         x0_c, x0_u = self.denoise(x_t, t, cond), self.denoise(x_t, t, self.null(x_t.shape[0]))
         return x0_u + cfg * (x0_c - x0_u)
-
-
-def _at(sch, t):
-    """(alpha_t, sigma_t) in float64 straight from alphas_cumprod."""
-    ac = sch.alphas_cumprod[torch.as_tensor(t)]
-    return ac.sqrt(), (1 - ac).sqrt()
 
 
 def _grid_index(grid, t):
@@ -153,7 +149,7 @@ def test_generator_gradient_reaches_every_step_with_frequency_one_over_K():
     tdm.tdm_step(student, fake, teacher, labels, teacher.null(B), opt_s, opt_f, config, x_T=x_T)
     n = student.p.grad * B / sum(delta)                                                 # (K,) float64
     # float64 rounding: f - r_cfg = delta to ~|r_cfg| EPS64 ~ 1e-15 (|r_cfg| < ~10 at cfg 3) and the sums
-    # over B = 4096 samples add <= B EPS64 relative: |n_i - integer| <= B (1e-15 / 0.25 + B EPS64) ~ 2e-8.
+    # over B = 4096 samples add <= B EPS64 relative: |n_i - integer| <= B (1e-15 / 0.25 + B EPS64) ~ 2e-9.
     # A wrong real score (cond / uncond swapped: f - r_cfg = delta + (2 cfg - 1)(x0_c - x0_u)) or gradient
     # through any other path breaks the integers by O(1).
     assert (n - n.round()).abs().max() < 1e-6, n
@@ -190,8 +186,8 @@ def _kernel_log_ratio(x_tau, x0_hat, x_m, sch, t_m, tau):
     """log q(x_tau | x0_hat) - log q(x_tau | x_m) per sample (densities from torch.distributions, float64),
     with q(x_tau | x0_hat) = N(alpha_tau x0_hat, sigma_tau^2 I), q(x_tau | x_m) = N(a x_m, beta^2 I),
     a = alpha_tau / alpha_m, beta^2 = sigma_tau^2 - a^2 sigma_m^2 (docs/method.md §6). Also returns beta, sigma_tau."""
-    a_m, s_m = _at(sch, t_m)
-    a_t, s_t = _at(sch, tau)
+    a_m, s_m = alpha_sigma(sch, t_m)
+    a_t, s_t = alpha_sigma(sch, tau)
     beta = (s_t ** 2 - (a_t / a_m * s_m) ** 2).sqrt()
     N = lambda mean, std: torch.distributions.Normal(mean, std, validate_args=False)   # beta = 0 where tau = t_m
     log_num = N(a_t[:, None] * x0_hat, s_t[:, None]).log_prob(x_tau).sum(1)                 # (B,)
@@ -212,7 +208,8 @@ def test_fake_update_weights_each_sample_by_the_kernel_ratio(importance):
     teacher = GMMTeacher(ring_target())
     sch, B, D = teacher.schedule, 2048, 2
     config = tdm.TDMConfig(K=4, cfg=1.0, importance=importance)
-    grid, t_next = tdm.time_grid(config.K, config.t_max), tdm.landing_times(tdm.time_grid(config.K, config.t_max))
+    grid = tdm.time_grid(config.K, config.t_max)
+    t_next = tdm.landing_times(grid)
     # The fake = teacher + (0.5, -0.5): f - x0_hat stays away from 0 even where both denoisers sit near the
     # mixture's mean (high noise), so the weight can be read back from the gradient.
     student, fake = _Recorder(teacher.denoise, B, D), _Recorder(teacher.denoise, B, D, torch.tensor([0.5, -0.5]))
@@ -223,16 +220,18 @@ def test_fake_update_weights_each_sample_by_the_kernel_ratio(importance):
     x_g, t_g, x0_hat = student.calls[0]
     x_tau, tau, f = fake.calls[0]
     t_m = torch.tensor(t_next)[_grid_index(grid, t_g)]              # landing time of each sample's step
-    # The weight the implementation used, from the gradient: w_b = <dL/dP_b, f_b - x0_hat_b> B D / (2 omega_b |f_b - x0_hat_b|^2)
+    # The weight the implementation used, read back from the gradient:
+    # w_b = <dL/dP_b, f_b - x0_hat_b> B D / (2 omega_b |f_b - x0_hat_b|^2)
     diff = f - x0_hat                                                # (B, D)
-    omega = (lambda a, s: (a / s) ** 2)(*_at(sch, tau)).clamp(max=config.snr_clamp)     # (B,) min(SNR, 5)
+    a_t, s_t = alpha_sigma(sch, tau)
+    omega = (a_t / s_t).pow(2).clamp(max=config.snr_clamp)         # (B,) min(SNR_tau, 5)
     w_impl = (fake.P.grad.double() * diff).sum(1) * B * D / (2 * omega * diff.pow(2).sum(1))
     # The weight from the two densities (float64) at the recorded points
-    a_g, s_g = _at(sch, t_g)
+    a_g, s_g = alpha_sigma(sch, t_g)
     eps_hat = (x_g - a_g[:, None] * x0_hat) / s_g[:, None]
-    a_m, s_m = _at(sch, t_m)
+    a_m, s_m = alpha_sigma(sch, t_m)
     x_m = a_m[:, None] * x0_hat + s_m[:, None] * eps_hat            # the DDIM landing point
-    log_ratio, beta, s_t = _kernel_log_ratio(x_tau, x0_hat, x_m, sch, t_m, tau)
+    log_ratio, beta, _ = _kernel_log_ratio(x_tau, x0_hat, x_m, sch, t_m, tau)
     log_w = {"exact": log_ratio, "tempered": (log_ratio - D * (beta / s_t).log()) / D,
              "off": torch.zeros(B, dtype=torch.float64)}[importance]
     # Compare where the reference is defined: tau > t_m (tau = t_m, drawn with probability ~1/200, has beta = 0
@@ -247,8 +246,8 @@ def test_fake_update_weights_each_sample_by_the_kernel_ratio(importance):
     # terms are ~sigma_tau^2, each ~8 roundings), i.e. beta relative 8 EPS32 sigma_tau^2 / beta^2, which
     # moves |r_den|^2 / 2 by |r_den|^2 times that and the exact form's D log beta by D times that. The
     # tempered form divides the exponent by D (and has no log beta). The read-back adds <= 8 EPS32.
-    r_num = (x_tau - _at(sch, tau)[0][:, None] * x0_hat) / s_t[:, None]                   # (B, D)
-    r_den = (x_tau - (_at(sch, tau)[0] / a_m)[:, None] * x_m) / beta[:, None]             # (B, D)
+    r_num = (x_tau - a_t[:, None] * x0_hat) / s_t[:, None]                                # (B, D)
+    r_den = (x_tau - (a_t / a_m)[:, None] * x_m) / beta[:, None]                          # (B, D)
     X = torch.stack([x_g.abs(), x0_hat.abs(), x_m.abs(), x_tau.abs()]).amax((0, 2))       # (B,)
     dx, rel_beta = 16 * EPS32 * X, 8 * EPS32 * s_t ** 2 / beta ** 2
     bound = (r_num.abs().sum(1) * dx / s_t + r_den.abs().sum(1) * dx / beta + r_den.pow(2).sum(1) * rel_beta
@@ -284,11 +283,12 @@ def test_weighted_fake_regression_minimiser_is_the_dsm_posterior_mean(importance
     weight w = q(x_tau | x0_hat) / q(x_tau | x_m) turns the sampling kernel into the DSM kernel
     q(x_tau | x0_hat) = N(alpha_tau x0_hat, sigma_tau^2), so Eq. (7)'s minimiser is the DSM posterior mean.
     A 1-D affine student makes x0_hat ~ N(m0, v0), and that posterior mean is linear in x_tau:
-        E[x0_hat | x_tau] = A* x_tau + b*,  A* = alpha_tau v0 / (alpha_tau^2 v0 + sigma_tau^2),  b* = m0 (1 - A* alpha_tau).
+        E[x0_hat | x_tau] = A* x_tau + b*,  A* = alpha_tau v0 / (alpha_tau^2 v0 + sigma_tau^2),
+        b* = m0 (1 - A* alpha_tau).
     In 1-D the tempered weight is the exact one times the constant sigma_tau / beta: the same minimiser."""
     sch = tdm.Schedule("linear", 1e-4, 0.02)
     t_g, t_m, tau = 449, 224, 424           # the step 449 -> 224 of the 4-step grid; tau in its interval
-    n, chunks = 2 ** 18, 16
+    n = 2 ** 18
     gen = torch.Generator().manual_seed(0)
     x_g = 0.3 + torch.randn(n, 1, generator=gen)                                        # (n, 1) trajectory points
     c1, c0 = 0.8, -0.5                                                                   # x0_hat = c1 x_g + c0
@@ -300,16 +300,20 @@ def test_weighted_fake_regression_minimiser_is_the_dsm_posterior_mean(importance
     x_tau = tdm.rediffuse(x_m, sch, full(t_m), full(tau), z)[0]
     w = tdm.importance_weight(eps_hat, z, sch, full(t_m), full(tau), exact=importance == "exact")
     theta = _fake_minimiser(x_tau.double(), x0_hat.double(), sch, full(tau), w.double())
-    a_t, s_t = (v.item() for v in _at(sch, tau))
+    a_t, s_t = (v.item() for v in alpha_sigma(sch, tau))
     m0, v0 = c1 * 0.3 + c0, c1 ** 2                                                      # x0_hat ~ N(m0, v0)
     A = a_t * v0 / (a_t ** 2 * v0 + s_t ** 2)
     want = torch.tensor([A, m0 * (1 - A * a_t)], dtype=torch.float64)
-    # Monte-Carlo error: the spread of the minimiser over 16 disjoint chunks / sqrt(16). The weights have
-    # finite fourth moment (beta^2 / sigma_tau^2 = 0.87 > 3/4 at tau = 424, t_m = 224: E[w^k] < inf iff
-    # beta^2 > (1 - 1/k) sigma_tau^2), so this standard error is itself reliable; 5 of them.
-    per_chunk = torch.stack([_fake_minimiser(xt.double(), x0.double(), sch, full(tau)[:n // chunks], wc.double())
-                             for xt, x0, wc in zip(x_tau.chunk(chunks), x0_hat.chunk(chunks), w.chunk(chunks))])
-    se = per_chunk.std(0) / math.sqrt(chunks)                                            # (2,)
+    # Monte-Carlo error: the sandwich (delta-method) standard error of a weighted least-squares minimiser,
+    # Cov = H^-1 (sum_i w_i^2 e_i^2 X_i X_i^T) H^-1 with X_i = (x_tau_i, 1), e_i = x0_hat_i - X_i theta,
+    # H = sum_i w_i X_i X_i^T (omega is a constant here). It needs E[w^4] < inf, which holds: E_z[w^k] < inf
+    # iff beta^2 > (1 - 1/k) sigma_tau^2, and beta^2 / sigma_tau^2 = 0.87 > 3/4 at t_m = 224, tau = 424.
+    # Over 30 seeds, (theta - want) / se had sd ~1.14 and max |.| 3.2: 5 standard errors.
+    X = torch.cat([x_tau.double(), torch.ones(n, 1, dtype=torch.float64)], 1)            # (n, 2)
+    wd = w.double()
+    e = x0_hat.double()[:, 0] - X @ theta                                                # (n,)
+    H_inv = torch.linalg.inv(X.T @ (wd[:, None] * X))                                    # (2, 2)
+    se = (H_inv @ (X.T @ (((wd * e) ** 2)[:, None] * X)) @ H_inv).diag().sqrt()          # (2,)
     assert ((theta - want).abs() <= 5 * se).all(), (theta, want, se)
     # Power: without the weight (regression on the trajectory kernel: A ~ 0.43) or with it inverted
     # (A ~ 0.53), the minimiser is off by > 20 standard errors.

@@ -92,6 +92,17 @@ def test_resume_equals_uninterrupted_run(fast_toy_teacher, tmp_path):
     assert any(not torch.equal(b["student"][k], v) for k, v in fresh.state_dict().items())
 
 
+def test_a_cached_toy_teacher_gives_the_same_run_as_a_fresh_fit(fast_toy_teacher, tmp_path, monkeypatch):
+    """The first run fits the toy teacher (cache miss), the second loads it: both must draw the same noise and
+    train the same student (building the MLP draws from the global RNG on both paths)."""
+    monkeypatch.setenv("TDM_CACHE", str(tmp_path / "empty_cache"))
+    common = ["--out", str(tmp_path), "--iters", "3", "--batch", "32", "--eval-every", "0", "--final-eval-n", "0",
+              "--figure-n", "0"]
+    fresh, cached = (train.main(common + ["--name", name]) for name in ("fresh", "cached"))
+    a, b = train.load_checkpoint(fresh)[0], train.load_checkpoint(cached)[0]
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+
+
 def test_resume_on_another_device_type_warns():
     """A checkpoint written on a GPU (it holds a CUDA generator state) resumed on the CPU: the CPU stream is
     restored, and the log says the run is not bit-exact; a CPU checkpoint on the CPU restores silently."""
@@ -248,6 +259,19 @@ def test_train_resume_sample(setup, lora):
     out2 = str(root / f"student{lora}_again.png")
     sample.main(["--student", straight, "--steps", "4", "--out", out2, "--prompts", "a cat", "a dog"])
     assert Image.open(out).tobytes() == Image.open(out2).tobytes()
+
+
+def test_fp16_trains_with_a_grad_scaler_and_resumes_exactly(setup):
+    """--precision fp16 (the official mixed precision): fp16 autocast per call, a GradScaler whose state is saved
+    with the checkpoint, so 1 + 1 iterations give the weights and the scaler of 2 straight ones."""
+    root, folder, prompts = setup
+    straight = _train(root, folder, prompts, "fp16_straight", "--iters", "2", "--precision", "fp16")
+    split = _train(root, folder, prompts, "fp16_split", "--iters", "1", "--precision", "fp16")
+    train.main(["--resume", split, "--iters", "2"])
+    (a, _), (b, meta) = train.load_checkpoint(straight), train.load_checkpoint(split)
+    assert meta["args"]["precision"] == "fp16" and a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 1
+    for part in ("student", "fake"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpm"])

@@ -1,7 +1,8 @@
 """Known wrong versions of tdm.py, and whether the tests catch each one (mutation check).
 
-    python tests/wrong_maths.py            # tests/test_tdm_maths.py and tests/test_toy.py (~8 min on 2 cores)
-    python tests/wrong_maths.py --quick    # tests/test_tdm_maths.py only (~1 min)
+    python tests/wrong_maths.py            # tests/test_tdm_maths.py and the other maths tests (minutes on 2 cores)
+    python tests/wrong_maths.py --quick    # tests/test_tdm_maths.py only (about a minute)
+    python tests/wrong_maths.py --only A,B --tests tests/test_tdm_maths.py,tests/test_tdm.py
 
 For the unmutated code and then for each wrong version: copy the repository's Python files (and its pytest
 configuration) to a temporary folder, apply the mutation to tdm.py there by exact string replacement (a
@@ -24,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHOD_TESTS = "tests/test_tdm_maths.py"
-TOY_TESTS = "tests/test_toy.py"
+# The other tests of tdm.py's maths, run alongside to show what they catch.
+OTHER_MATHS_TESTS = ("tests/test_tdm.py",)
 COPY_EXTENSIONS = (".py", ".ini", ".cfg", ".toml", ".txt")     # sources, pytest.ini, requirements, prompts
 
 # name -> (what is wrong, [(exact text in tdm.py, replacement), ...])
@@ -106,17 +108,30 @@ def run(name, test_files, workdir):
     return name, failed_tests(report), proc.returncode, (proc.stdout + proc.stderr)[-3000:]
 
 
-def short(names, prefix):
-    return ", ".join(n.split("::", 1)[1] for n in names if n.startswith(prefix)) or "-"
+def short(names, keep):
+    """'test_a, test_b' for the names whose file satisfies keep(file); '-' if none."""
+    return ", ".join(n.split("::", 1)[1] for n in names if keep(n.split("::", 1)[0])) or "-"
+
+
+def default_tests(quick):
+    others = [f for f in OTHER_MATHS_TESTS if os.path.exists(os.path.join(REPO, f))][:1]
+    return [METHOD_TESTS] + ([] if quick else others)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"run {METHOD_TESTS} only")
+    ap.add_argument("--tests", default="", help=f"comma-separated test files (default: {METHOD_TESTS} and the "
+                    f"first of {', '.join(OTHER_MATHS_TESTS)} that exists)")
     ap.add_argument("--jobs", type=int, default=2, help="pytest runs in parallel (default 2)")
     ap.add_argument("--only", default="", help="comma-separated mutation names (default: all)")
     args = ap.parse_args(argv)
-    test_files = [METHOD_TESTS] if args.quick else [METHOD_TESTS, TOY_TESTS]
+    test_files = [f for f in args.tests.split(",") if f] or default_tests(args.quick)
+    if METHOD_TESTS not in test_files:
+        raise SystemExit(f"--tests must include {METHOD_TESTS}: a mutation is caught when one of its tests fails")
+    missing = [f for f in test_files if not os.path.exists(os.path.join(REPO, f))]
+    if missing:
+        raise SystemExit(f"test file(s) not found in {REPO}: {missing}")
     names = [n for n in args.only.split(",") if n] or list(MUTATIONS)
     unknown = set(names) - set(MUTATIONS)
     if unknown:
@@ -140,14 +155,17 @@ def main(argv=None):
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    other_files = ", ".join(f for f in test_files if f != METHOD_TESTS)
     rows, survived = [], []
-    for name, failed, rc, tail in results:
-        caught = any(n.startswith(METHOD_TESTS) for n in failed)
+    for name, failed, _, _ in results:
+        caught = any(n.startswith(METHOD_TESTS + "::") for n in failed)
         if not caught:
             survived.append(name)
-        rows.append((name, MUTATIONS[name][0], short(failed, METHOD_TESTS),
-                     short(failed, TOY_TESTS) if not args.quick else "(not run)", "PASS" if caught else "FAIL"))
-    head = ("mutation", "what is wrong", f"failed in {METHOD_TESTS}", f"failed in {TOY_TESTS}", "check")
+        rows.append((name, MUTATIONS[name][0], short(failed, lambda f: f == METHOD_TESTS),
+                     short(failed, lambda f: f != METHOD_TESTS) if other_files else "(not run)",
+                     "PASS" if caught else "FAIL"))
+    head = ("mutation", "what is wrong", f"failed in {METHOD_TESTS}", f"failed in {other_files or 'other files'}",
+            "check")
     print("\n| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for row in rows:
