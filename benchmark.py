@@ -27,7 +27,7 @@ import tdm
 from models import trainable_lora_views
 from pixart import PixArtConfig, dit_from_config, pixart_xl_2_1024_ms_config, pixart_xl_2_512_config
 from teachers import PixArtTeacher, copy_network, x0_from_prediction
-from train import student_x0
+from sample import student_x0
 
 
 def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config):

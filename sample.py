@@ -72,9 +72,14 @@ def teacher_sample(teacher, x_T, cond, uncond, n_steps, cfg=1.0, solver="ddim"):
     return tdm.sample(denoise, x_T, cond, teacher.schedule, tdm.time_grid(n_steps, 999))
 
 
+def student_x0(teacher, net):
+    """A network of the teacher's architecture (student, fake) as tdm.py's denoiser: (x_t, t, cond, K) -> x0_hat."""
+    return lambda x, t, c, K: teacher.x0(net, x, t, c, K)
+
+
 def student_denoiser(teacher, net, K, unify=False):
     """(x_t, t, cond) -> x0_hat of a student network; under TDM-unify the step count K is its condition."""
-    return tdm.with_step_count(lambda x, t, c, k: teacher.x0(net, x, t, c, k), K, unify)
+    return tdm.with_step_count(student_x0(teacher, net), K, unify)
 
 
 @torch.no_grad()

@@ -461,7 +461,7 @@ def main(argv=None):
             group["lr"] = generator_lr(args, it)
         cond, uncond = teacher.training_conditions(batch)
         t_step = time.time()
-        logs = tdm.tdm_step(student_x0(teacher, student), student_x0(teacher, fake), teacher, cond, uncond,
+        logs = tdm.tdm_step(sample.student_x0(teacher, student), sample.student_x0(teacher, fake), teacher, cond, uncond,
                             opt_student, opt_fake, config, scaler=scaler)
         update_ema(ema, student, args.ema)
         step_time += time.time() - t_step       # tdm_step's .item() calls have synchronised the GPU already
@@ -506,11 +506,6 @@ def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, scaler, ema,
                      opt_fake=opt_fake.state_dict(), iteration=torch.tensor(done), rank_rng=rank_rng)
         state.update({"ema": ema} if ema is not None else {}, **({"scaler": scaler.state_dict()} if scaler else {}))
         save_checkpoint(run_dir, state, run_meta(teacher, args, config, done))
-
-
-def student_x0(teacher, net):
-    """A network of the teacher's architecture as tdm.py's denoiser: (x_t, t, cond, K) -> x0_hat."""
-    return lambda x, t, c, K: teacher.x0(net, x, t, c, K)
 
 
 def restore(state, student, fake, opt_student, opt_fake, scaler, args, device, rank, world, log):

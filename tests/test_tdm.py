@@ -16,6 +16,7 @@ import tdm
 import teachers
 from fixtures import alpha_sigma as _at
 from models import ToyMLP, timestep_embedding
+from sample import student_x0
 
 EPS32 = torch.finfo(torch.float32).eps   # 1.19e-7
 
@@ -186,7 +187,7 @@ def _toy_setup(unify, seed=0):
     net = ToyMLP(dim=2, n_classes=gmm.n_classes, width=32, depth=2).eval().requires_grad_(False)
     teacher = teachers.ToyTeacher(gmm, net)                            # v-prediction network teacher
     student, fake = teachers.copy_network(net, unify), teachers.copy_network(net, unify)
-    x0_of = lambda m: (lambda x, t, c, K: teacher.x0(m, x, t, c, K))
+    x0_of = lambda m: student_x0(teacher, m)
     return teacher, student, fake, x0_of
 
 
