@@ -16,6 +16,8 @@ With cfg > 1 the reference for sw2 and mmd is the teacher's 100-step CFG sampler
 """
 import argparse
 import json
+import os
+import sys
 
 import torch
 
@@ -178,6 +180,7 @@ def _steps(p, flag, text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Exact toy metrics for the teacher and a TDM student.")
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (--help lists the flags)\n")   # one line, no usage
     p.add_argument("run", nargs="?", help="a run folder written by train.py (omit to evaluate the teacher only)")
     p.add_argument("--teacher", default=None, help="toy | toy-exact (default: the run's, else toy)")
     p.add_argument("--toy-target", default=None, help="ring | grid | FILE.json (default: the run's, else ring)")
@@ -225,4 +228,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:   # a bad input: its message, no traceback (TDM_TRACEBACK=1 shows it)
+        if os.environ.get("TDM_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -330,6 +331,7 @@ def image_grid(images, cols=4, pad=2, background=(255, 255, 255)):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample a teacher (N-step DDIM / DPM-Solver++ with CFG) or a TDM student "
                                 "(its K-step grid) to a PNG: a scatter plot for the toy, an image grid for images.")
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (--help lists the flags)\n")   # one line, no usage
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", choices=list(TEACHERS), help="sample the teacher")
     src.add_argument("--student", help="a run folder written by train.py: sample the student with K steps")
@@ -387,4 +389,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:   # a bad input: its message, no traceback (TDM_TRACEBACK=1 shows it)
+        if os.environ.get("TDM_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")

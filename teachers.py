@@ -241,7 +241,7 @@ class ToyTeacher:
         self.schedule = tdm.Schedule("linear", 1e-4, 0.02)
         self.sample_shape = (gmm.dim,)
         self.n_classes = gmm.n_classes
-        self.run_name = f"toy-{gmm.name}"
+        self.run_name, self.target = f"toy-{gmm.name}", gmm.name     # target: what load() was given
         self.device = next(network.parameters()).device
 
     @classmethod
@@ -256,7 +256,7 @@ class ToyTeacher:
 
     def run_meta(self):
         """What a run records to rebuild this teacher (student.json)."""
-        return dict(target=getattr(self, "target", self.gmm.name), weights=None, network=self.network.config)
+        return dict(target=self.target, weights=None, network=self.network.config)
 
     def to(self, device):
         """Move the network (and the conditions it hands out) to `device`; the GMM stays on the CPU."""

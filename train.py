@@ -46,6 +46,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Distil a diffusion teacher into a K-step student with TDM.",
                                 formatter_class=_HelpFormatter, allow_abbrev=False)
+    p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (--help lists the flags)\n")   # one line, no usage
     g = p.add_argument_group("teacher and run")
     g.add_argument("--teacher", default="toy", choices=list(TEACHERS),
                    help="toy (MLP fitted to the target) | toy-exact (closed-form GMM) | pixart (--weights DIR)")
@@ -643,4 +644,9 @@ class ImagePreviews:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:   # a bad input: its message, no traceback (TDM_TRACEBACK=1 shows it)
+        if os.environ.get("TDM_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")

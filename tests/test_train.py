@@ -430,3 +430,16 @@ def test_torchrun_pixart_lora(tmp_path, tiny_pixart):
 def test_batch_must_divide_by_the_processes(tmp_path):
     r = _torchrun("--out", str(tmp_path), "--batch", "5", "--iters", "1", check=False)
     assert r.returncode != 0 and "must divide by the 2 processes" in r.stderr
+
+
+@pytest.mark.parametrize("script,argv,words", [
+    ("train.py", ["--steps", "0"], "--steps 0: the student needs 1 to 900 steps"),
+    ("train.py", ["--teacher", "pixart", "--weights", "no/such/folder"], "'no/such/folder' does not exist"),
+    ("sample.py", ["--student", "no/such/run"], "has no student.safetensors + student.json"),
+    ("eval.py", ["--student-steps", "1,x"], "--student-steps '1,x': expected step counts")])
+def test_command_line_errors_are_one_line_without_traceback(script, argv, words, tmp_path):
+    """As a user sees them: exit status 1 or 2, one line on stderr starting with the script's `error:`, no traceback."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "TDM_TRACEBACK": ""})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode in (1, 2) and len(lines) == 1 and "error: " in lines[0] and words in lines[0], r.stderr
