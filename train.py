@@ -456,14 +456,14 @@ def main(argv=None):
     watch = (ToyWatch if teacher.OUTPUT == "points" else ImagePreviews)(teacher, student, ema, args, run_dir, start) \
         if main_proc else None
 
+    as_x0 = (sample.student_x0(teacher, student), sample.student_x0(teacher, fake))   # tdm.py's denoisers
     t0, step_time = progress.begin(start), 0.0  # step_time: the TDM steps alone (no evaluations, checkpoints)
     for it in range(start, args.iters):
         for group in opt_student.param_groups:
             group["lr"] = generator_lr(args, it)
         cond, uncond = teacher.training_conditions(batch)
         t_step = time.time()
-        logs = tdm.tdm_step(sample.student_x0(teacher, student), sample.student_x0(teacher, fake), teacher, cond, uncond,
-                            opt_student, opt_fake, config, scaler=scaler)
+        logs = tdm.tdm_step(*as_x0, teacher, cond, uncond, opt_student, opt_fake, config, scaler=scaler)
         update_ema(ema, student, args.ema)
         step_time += time.time() - t_step       # tdm_step's .item() calls have synchronised the GPU already
         done = it + 1
