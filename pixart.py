@@ -44,7 +44,7 @@ class PixArtConfig(JSONConfig):
     patch_size: int = 2
     caption_channels: int = 4096              # T5-XXL width
     cross_attention_dim: int = 1152
-    interpolation_scale: float = None         # pos-embed scale (original `lewei_scale`); None: max(sample_size // 64, 1)
+    interpolation_scale: float = None         # pos-embed scale (`lewei_scale`); None: max(sample_size // 64, 1)
     use_additional_conditions: bool = None    # 1024-MS micro-conditions; None: sample_size == 128
     norm_eps: float = 1e-6
 

@@ -192,7 +192,8 @@ def toy_figure(teacher, net, cfg, K, t_max=899, unify=False, n=20000):
     labels = teacher.sample_labels(n, torch.Generator().manual_seed(7))
     gt = teacher.gmm.sample(n, labels=labels, generator=torch.Generator().manual_seed(8))[0]
     panels = [scatter_panel(gt, labels, title="ground truth"),
-              scatter_panel(teacher_samples(teacher, labels, 100, cfg), labels, title=f"teacher 100-step (cfg {cfg:g})"),
+              scatter_panel(teacher_samples(teacher, labels, 100, cfg), labels,
+                            title=f"teacher 100-step (cfg {cfg:g})"),
               scatter_panel(teacher_samples(teacher, labels, 4, cfg), labels, title="teacher 4-step DDIM")]
     for k in (1, 2, 4):
         x = student_samples(teacher, net, labels, k, t_max, unify)
@@ -339,7 +340,8 @@ def main(argv=None):
     p.add_argument("--toy-target", default=None, help="toy teachers: ring (default) | grid | FILE.json")
     p.add_argument("--steps", type=int, default=4, help="sampling steps (teacher N, student K)")
     p.add_argument("--solver", default="ddim", choices=["ddim", "dpm"],
-                   help="ddim, or dpm: DPM-Solver++(2M) (teacher: diffusers' linspace timesteps; student: its own grid)")
+                   help="ddim, or dpm: DPM-Solver++(2M) (teacher: diffusers' linspace timesteps; student: its "
+                   "own grid)")
     p.add_argument("--cfg", type=float, default=None, help="teacher guidance (default: the teacher's training "
                    "default, toy 1, pixart 4.5); students use none")
     p.add_argument("--prompts", nargs="+", default=None, help="image teachers: prompts (default: the first 4 of "

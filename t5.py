@@ -52,8 +52,8 @@ class T5Config(JSONConfig):
             raise ValueError(f"config (model_type {self.model_type!r}, feed_forward_proj {proj!r}) does not hold a "
                              "T5 v1.1 encoder; only gated-FFN T5/mT5 encoders are implemented")
         if self.dense_act_fn not in _T5_ACTS:
-            raise ValueError(f"dense_act_fn={self.dense_act_fn!r} (from feed_forward_proj={proj!r}) is not implemented; "
-                             f"known activations: {sorted(_T5_ACTS)}")
+            raise ValueError(f"dense_act_fn={self.dense_act_fn!r} (from feed_forward_proj={proj!r}) is not "
+                             f"implemented; known activations: {sorted(_T5_ACTS)}")
 
 
 def t5_v1_1_xxl_config():   # google/t5-v1_1-xxl (DeepFloyd copy): PixArt-α's text encoder

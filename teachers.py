@@ -560,7 +560,8 @@ class LatentTextToImageTeacher:
         the text encoder at most once for all of them; returns the preprocessed texts."""
         self._need_folder("prompt encoding")
         texts = [preprocess(p) for p in prompts]
-        todo = [t for t in dict.fromkeys(texts + [""]) if t not in self._rows and not os.path.exists(self._cache_path(t))]
+        todo = [t for t in dict.fromkeys(texts + [""])
+                if t not in self._rows and not os.path.exists(self._cache_path(t))]
         if todo:
             self.log(f"encoding {len(todo)} new prompt(s) with the text encoder")
             for i in range(0, len(todo), self.encoder_batch):

@@ -57,7 +57,8 @@ def parse_args(argv=None):
     g.add_argument("--name", default=None, help="run folder name under --out (default: toy-<target> or pixart)")
     g.add_argument("--out", default="runs", help="folder holding the run folders")
     g.add_argument("--seed", type=int, default=0, help="random seed of the run (x_T, labels or prompts, tau, noise)")
-    g.add_argument("--iters", type=int, default=None, help="total iterations, also when resuming (toy 2000, pixart 500)")
+    g.add_argument("--iters", type=int, default=None,
+                   help="total iterations, also when resuming (toy 2000, pixart 500)")
     g.add_argument("--resume", default=None, help="a run folder to continue from its ckpt.safetensors")
     g.add_argument("--device", default=None, help="cpu | cuda | auto (cuda when available). Default: pixart auto, the "
                    "toy cpu (cuda pays off at large --batch, e.g. 16384)")
@@ -79,7 +80,8 @@ def parse_args(argv=None):
     g.add_argument("--no-normalise", action="store_true", help="drop the DMD normaliser 1/mean|x0_hat - r_cfg|")
     g.add_argument("--tau-min", type=int, default=20, help="smallest tau drawn (official 20)")
     g.add_argument("--margin", type=int, default=10, help="tau stays this far below t_g (or T) (official 10)")
-    g.add_argument("--snr-clamp", type=float, default=None, help="fake-loss weight min(SNR, this): 5 official (pixart); "
+    g.add_argument("--snr-clamp", type=float, default=None,
+                   help="fake-loss weight min(SNR, this): 5 official (pixart); "
                    "toy 1000 = no cap in the sampled tau range (plain eps-MSE)")
     g.add_argument("--fake-updates", type=int, default=1, help="fake-score updates per generator update")
     g.add_argument("--fake-reg", type=float, default=0.0, help="weight of (fake - teacher)^2 in the fake loss "
@@ -92,7 +94,8 @@ def parse_args(argv=None):
     g.add_argument("--beta2", type=float, default=0.95, help="official 0.95, paper 0.999")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (official)")
     g.add_argument("--warmup", type=int, default=50, help="generator lr warm-up iterations")
-    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="generator lr after warm-up")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="generator lr after warm-up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="student grad-norm clip (fake: none, as official)")
     g.add_argument("--ema", type=float, default=None, help="student EMA decay, 0 = off (toy 0.995; pixart off, as "
                    "official); the EMA is what is saved and evaluated")

@@ -48,9 +48,9 @@ class VAEConfig(JSONConfig):
         bad = [t for t in self.down_block_types if t != "DownEncoderBlock2D"]
         bad += [t for t in self.up_block_types if t != "UpDecoderBlock2D"]
         if bad or len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(f"down_block_types={list(self.down_block_types)}, up_block_types={list(self.up_block_types)}"
-                             f" is not implemented; only {n} DownEncoderBlock2D / UpDecoderBlock2D each (the SD / SDXL "
-                             "VAE)")
+            raise ValueError(f"down_block_types={list(self.down_block_types)}, up_block_types="
+                             f"{list(self.up_block_types)} is not implemented; only {n} DownEncoderBlock2D / "
+                             "UpDecoderBlock2D each (the SD / SDXL VAE)")
 
 
 def sd_vae_config():    # SD1.x / sd-vae-ft-ema / sd-vae-ft-mse (kl-f8), also PixArt-α's
@@ -175,7 +175,8 @@ class VAE(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = self.config = config
-        self.scaling_factor, self.shift_factor = c.scaling_factor, c.shift_factor or 0.0   # latent = (z - shift) * scale
+        # latent = (z - shift) * scale
+        self.scaling_factor, self.shift_factor = c.scaling_factor, c.shift_factor or 0.0
         args = (list(c.block_out_channels), c.layers_per_block, c.norm_num_groups, c.mid_block_add_attention)
         self.encoder = Encoder(c.in_channels, c.latent_channels, *args)
         self.decoder = Decoder(c.latent_channels, c.out_channels, *args)
