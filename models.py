@@ -3,6 +3,8 @@
     pixart.py   the PixArt-α transformer (DiT with adaLN-single and cross-attention), `load_pixart`
     t5.py       the T5 v1.1 encoder and its sentencepiece tokenizer, `load_t5`
     vae.py      the SD VAE (AutoencoderKL), `load_vae`
+    unet.py     the SD1.5 / SDXL UNet (UNet2DConditionModel), `load_unet`
+    clip.py     the CLIP text encoders (ViT-L/14, OpenCLIP bigG/14) and the CLIP BPE tokenizer, `load_clip_text`
 
 Each family file reads config -> layers -> model -> key mapping of other checkpoint formats -> `load_*`,
 and imports only this file. This file holds:

@@ -1,0 +1,291 @@
+"""clip.py: the hand-written CLIP text encoders, BPE tokenizer and loader against transformers; the config.
+
+Everything is tiny and written here (no downloads): a CLIP tokenizer folder (vocab.json = the 256 byte symbols, the
+same with "</w>", the results of a few BPE merges learnt from the test prompts, then <|startoftext|> and
+<|endoftext|>, as the real vocab is ordered; merges.txt with its "#version" line; the json files of SD's tokenizer/
+(pad <|endoftext|>) or SDXL's tokenizer_2/ (pad "!")), and random transformers CLIPTextModel /
+CLIPTextModelWithProjection folders saved with save_pretrained. Real-size checks run on the meta device.
+"""
+import collections
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from clip import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, bytes_to_unicode, clip_vit_l14_text_config,
+                  load_clip_text, open_clip_bigg14_text_config)
+from fixtures import randomize
+
+transformers.logging.set_verbosity_error()
+LONG = " ".join(["a photo of a cat sitting on the red chair under the tree"] * 10)    # > 75 tokens: truncated
+PROMPTS = ["", "a photo of a cat", "  A Photo of a CAT  sitting,  on the chair!! ", "astronaut riding a horse, "
+           "van gogh! it's 3.14 or 42% (maybe)", "café naïve ＡＢＣ résumé", "unknown ßü€ glyphs 😀 ² ½",
+           "tab\tand\nnewline\u00a0nbsp", "they're we'll I'M can't", "!!hello!? wow!!!", "日本語 text",
+           "<|endoftext|> inside and <|startoftext|>x", "e\u0301 decomposed", "zero\u200bwidth",
+           "HELLO <|ENDOFTEXT|> x", "x²³ ⅻ ① 'S 'LL ''s ſ 'ſ", "a\x00b\ufffdc\x1fd", "   ", "\u2028line\u3000sep", LONG]
+CORPUS = " ".join(PROMPTS[1:-1] + ["a photo of a cat sitting on the red chair under the tree"] * 3)
+SPECIAL = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+TINY = dict(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=77)
+
+
+#################################################################################
+#                          Tiny folders                                         #
+#################################################################################
+
+def learn_merges(text, n=80):
+    """Greedy BPE on the lower-case letter runs of `text` (most frequent pair first, ties by the pair)."""
+    import re
+    words = collections.Counter(re.findall(r"[a-z]+", text.lower()))
+    seqs = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
+    merges = []
+    for _ in range(n):
+        pairs = collections.Counter()
+        for w, s in seqs.items():
+            for p in zip(s, s[1:]):
+                pairs[p] += words[w]
+        if not pairs:
+            break
+        best = max(sorted(pairs), key=lambda p: pairs[p])
+        merges.append(best)
+        for w, s in seqs.items():
+            out, i = [], 0
+            while i < len(s):
+                if i < len(s) - 1 and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    return merges
+
+
+def write_clip_tokenizer(folder, pad="<|endoftext|>"):
+    """A CLIP tokenizer folder in the layout of SD1.5's tokenizer/ (pad <|endoftext|>) or SDXL's tokenizer_2/
+    (pad "!"): vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
+    os.makedirs(folder, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    merges = learn_merges(CORPUS)
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + \
+        ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = lambda content: dict(SPECIAL, content=content)
+    specials = dict(bos_token=tok("<|startoftext|>"), eos_token=tok("<|endoftext|>"), unk_token=tok("<|endoftext|>"),
+                    pad_token=pad)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(specials, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(specials, add_prefix_space=False, do_lower_case=True, errors="replace", model_max_length=77,
+                       tokenizer_class="CLIPTokenizer"), f)
+    return os.fspath(folder)
+
+
+def hf_config(vocab_size, act="quick_gelu", eos=2, **change):
+    return transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_act=act, bos_token_id=0, eos_token_id=eos,
+                                       pad_token_id=1, **{**TINY, **change})
+
+
+def write_tiny_clip(folder, config, with_projection, seed=0):
+    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = randomize(cls(config), seed, std=0.3, around_init=True)
+    model.save_pretrained(os.fspath(folder))
+    return model
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    """An SDXL-style pipeline: text_encoder/ (CLIPTextModel, quick_gelu, legacy eos 2) + tokenizer/ (pad EOS),
+    text_encoder_2/ (WithProjection, gelu, eos = the <|endoftext|> id) + tokenizer_2/ (pad "!")."""
+    root = tmp_path_factory.mktemp("sdxl")
+    write_clip_tokenizer(root / "tokenizer")
+    write_clip_tokenizer(root / "tokenizer_2", pad="!")
+    vocab = json.loads((root / "tokenizer" / "vocab.json").read_text())
+    refs = {1: write_tiny_clip(root / "text_encoder", hf_config(len(vocab)), False, seed=1),
+            2: write_tiny_clip(root / "text_encoder_2", hf_config(len(vocab), "gelu", vocab["<|endoftext|>"]), True,
+                               seed=2)}
+    return root, refs
+
+
+def hf_ids(folder, prompts):
+    tok = transformers.CLIPTokenizer.from_pretrained(folder)
+    return tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+#################################################################################
+#                          Tokenizer                                            #
+#################################################################################
+
+@pytest.mark.parametrize("sub", ["tokenizer", "tokenizer_2"])
+def test_tokenizer_matches_transformers(pipe, sub, tmp_path):
+    folder = str(pipe[0] / sub)
+    ours = CLIPTokenizer.from_folder(folder)
+    ids, ref = ours(PROMPTS), hf_ids(folder, PROMPTS)
+    assert ids.shape == (len(PROMPTS), 77) and ids.dtype == torch.long
+    for p, a, b in zip(PROMPTS, ids, ref):
+        assert torch.equal(a, b), (p, a.tolist(), b.tolist())
+    vocab = ours.vocab
+    eos = vocab["<|endoftext|>"]
+    pad = eos if sub == "tokenizer" else vocab["!"]
+    assert ids[0, :2].tolist() == [vocab["<|startoftext|>"], eos] and (ids[0, 2:] == pad).all()   # "" -> BOS EOS pad
+    long_row = ids[PROMPTS.index(LONG)]
+    assert long_row[-1] == eos and (long_row[1:-1] != pad).all()   # truncated to BOS + 75 + EOS
+    assert len(ours.encode_one("a photo of a cat")) < 8            # the merges are used
+    # the folder as transformers' save_pretrained rewrites it (added_tokens_decoder with strip flags) reads the same
+    transformers.CLIPTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "saved")
+    assert torch.equal(CLIPTokenizer.from_folder(str(tmp_path / "saved"))(PROMPTS), ids)
+
+
+def test_tokenizer_2_splits_literal_exclamation_marks(pipe):
+    one, two = (CLIPTokenizer.from_folder(str(pipe[0] / s)) for s in ("tokenizer", "tokenizer_2"))
+    v = one.vocab
+    assert one.encode_one("wow!!")[-3:] == [v["!"], v["!</w>"], v["<|endoftext|>"]]   # one BPE word "!!"
+    assert two.encode_one("wow!!")[-3:] == [v["!"], v["!"], v["<|endoftext|>"]]   # tokenizer_2's pad: special
+
+
+#################################################################################
+#                          Encoders                                             #
+#################################################################################
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_encoder_parity_with_transformers(pipe, which):
+    root, refs = pipe
+    tok, enc = load_clip_text(str(root), which=which)
+    ref = refs[which]
+    assert enc.with_projection == (which == 2) and not enc.training
+    assert not any(p.requires_grad for p in enc.parameters())
+    ids = tok(PROMPTS)
+    with torch.no_grad():
+        ours = enc(ids)
+        theirs = ref(input_ids=ids, output_hidden_states=True)
+    pairs = {"last_hidden_state": theirs.last_hidden_state, "penultimate_hidden_state": theirs.hidden_states[-2]}
+    if which == 2:
+        pairs["text_embeds"] = theirs.text_embeds
+        with torch.no_grad():
+            pairs["pooler_output"] = ref.text_model(input_ids=ids).pooler_output
+    else:
+        pairs["pooler_output"] = theirs.pooler_output
+    for name, want in pairs.items():
+        diff = (ours[name] - want).abs().max().item()
+        print(f"CLIP {which} {name}: max|diff| {diff:.2e}, max|h| {want.abs().max():.2f}")
+        assert ours[name].shape == want.shape and diff <= 1e-5, name
+    assert ours["last_hidden_state"].shape == (len(PROMPTS), 77, 32)
+    assert (ours["penultimate_hidden_state"] - ours["last_hidden_state"]).abs().max() > 1e-2
+
+
+def test_eos_position_rules():
+    """eos_token_id == 2: argmax(input_ids) (first largest id); otherwise the first position holding eos_token_id."""
+    ids = torch.tensor([[5, 9, 7, 9, 1], [5, 3, 7, 2, 7]])
+    for eos, want in ((2, [1, 2]), (7, [2, 2]), (9, [1, 0])):
+        config = CLIPTextConfig(vocab_size=10, num_hidden_layers=1, hidden_size=8, num_attention_heads=2,
+                                intermediate_size=8, eos_token_id=eos, max_position_embeddings=5)
+        model = randomize(CLIPTextModel(config))
+        ref = transformers.CLIPTextModel(hf_config(10, eos=eos, num_hidden_layers=1, hidden_size=8,
+                                                   num_attention_heads=2, intermediate_size=8,
+                                                   max_position_embeddings=5)).eval()
+        ref.load_state_dict(model.state_dict(), strict=False)
+        with torch.no_grad():
+            out = model(ids)
+            assert torch.allclose(out["pooler_output"], ref(input_ids=ids).pooler_output, atol=1e-5)
+            assert torch.equal(out["pooler_output"], out["last_hidden_state"][[0, 1], want])
+            assert torch.equal(out["penultimate_hidden_state"], model.text_model.embeddings.token_embedding(ids)
+                               + model.text_model.embeddings.position_embedding.weight)   # one layer: the embeddings
+
+
+def test_layouts_text_encoder_folder_and_transformers_folder(pipe, tmp_path):
+    root, refs = pipe
+    ids = CLIPTokenizer.from_folder(str(root / "tokenizer_2"))(PROMPTS[:3])
+    _, enc = load_clip_text(str(root), which=2)
+    tok2, enc2 = load_clip_text(str(root / "text_encoder_2"))             # tokenizer_2/ beside it
+    assert tok2.pad_id == tok2.vocab["!"] and enc2.with_projection
+    _, enc3 = load_clip_text(str(root / "text_encoder_2"), with_projection=False, dtype=torch.float16)
+    assert not enc3.with_projection and enc3.text_model.final_layer_norm.weight.dtype == torch.float16
+    model_dir = tmp_path / "clip"                                         # transformers folder with the tokenizer
+    refs[2].save_pretrained(model_dir, safe_serialization=False)         # pytorch_model.bin
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(root / "tokenizer_2" / name, model_dir / name)
+    tok4, enc4 = load_clip_text(str(model_dir))
+    with torch.no_grad():
+        a, b, c = enc(ids), enc2(ids), enc4(ids)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    assert torch.equal(tok4(PROMPTS[:3]), ids)
+
+
+def test_full_clip_model_folder_takes_the_text_tower(pipe, tmp_path):
+    root, refs = pipe
+    vocab_size = refs[1].config.vocab_size
+    config = transformers.CLIPConfig(text_config=hf_config(vocab_size).to_dict(), projection_dim=24,
+                                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=2, image_size=8, patch_size=4))
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        full = randomize(transformers.CLIPModel(config), 4, std=0.3, around_init=True)
+    full.save_pretrained(tmp_path / "full")
+    tok, enc = load_clip_text(str(tmp_path / "full"), tokenizer_path=str(root / "tokenizer"))
+    ids = tok(PROMPTS[:3])
+    with torch.no_grad():
+        diff = (enc(ids)["text_embeds"] - full.get_text_features(input_ids=ids)).abs().max()
+    assert diff <= 1e-5
+
+
+#################################################################################
+#                          Config, real size and errors                         #
+#################################################################################
+
+def test_release_configs_have_the_transformers_keys_and_sizes():
+    for factory, proj, n in ((clip_vit_l14_text_config, False, 123_060_480),
+                             (open_clip_bigg14_text_config, True, 694_659_840)):
+        config = factory()
+        ref_config = transformers.CLIPTextConfig(**{k: v for k, v in vars(config).items()})
+        assert CLIPTextConfig.from_json(ref_config.to_dict()) == config
+        cls = transformers.CLIPTextModelWithProjection if proj else transformers.CLIPTextModel
+        with torch.device("meta"):
+            ours, theirs = CLIPTextModel(config, proj).state_dict(), cls(ref_config).state_dict()
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+        assert sum(v.numel() for v in ours.values()) == n
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(hidden_act="gelu_new"), r"hidden_act='gelu_new' is not implemented"),
+    (dict(model_type="bert"), r"model_type='bert' is not implemented"),
+    (dict(hidden_size=30, num_attention_heads=4), r"hidden_size=30 is not a multiple of num_attention_heads=4")])
+def test_from_json_rejects_unimplemented_values_naming_the_key(change, words):
+    with pytest.raises(ValueError, match=words):
+        CLIPTextConfig.from_json({**hf_config(100).to_dict(), **change})
+    assert CLIPTextConfig.from_json({**hf_config(100).to_dict(), "unrelated": 1}).hidden_size == 32
+
+
+def test_loader_errors(pipe, tmp_path):
+    root, _ = pipe
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_clip_text(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="unknown layout"):
+        load_clip_text(str(tmp_path / "empty"))
+    sd15 = tmp_path / "sd15"                                              # one text encoder only
+    shutil.copytree(root / "text_encoder", sd15 / "text_encoder")
+    shutil.copytree(root / "tokenizer", sd15 / "tokenizer")
+    assert load_clip_text(str(sd15))[1].config.hidden_act == "quick_gelu"
+    with pytest.raises(FileNotFoundError, match="no text_encoder_2/"):
+        load_clip_text(str(sd15), which=2)
+    with pytest.raises(ValueError, match="which=3"):
+        load_clip_text(str(sd15), which=3)
+    os.remove(sd15 / "tokenizer" / "merges.txt")
+    with pytest.raises(FileNotFoundError, match="no merges.txt"):
+        load_clip_text(str(sd15))
+    with pytest.raises(ValueError, match="missing keys: text_projection.weight"):    # CLIPTextModel weights
+        load_clip_text(str(root), which=1, with_projection=True)
+    bad = tmp_path / "bad"                                                # config of another size
+    shutil.copytree(root / "text_encoder_2", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
+    with pytest.raises(ValueError, match="does not match the model config.*fc1.weight"):
+        load_clip_text(str(bad), tokenizer_path=str(root / "tokenizer_2"))
