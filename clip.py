@@ -380,6 +380,9 @@ def load_clip_text(path, with_projection=None, dtype=None, which=1, tokenizer_pa
     drop = ("text_model.embeddings.position_ids",) + (("vision_model.", "visual_projection.", "logit_scale")
                                                       if full else ())
     sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
+    if not full and any(k.startswith(("embeddings.", "encoder.layers.")) for k in sd):   # transformers 5 saves
+        sd = {k if k == "text_projection.weight" else "text_model." + k: v for k, v in sd.items()
+              if k != "embeddings.position_ids"}                  # CLIPTextModel without the text_model. prefix
     if with_projection is None:
         with_projection = "text_projection.weight" in sd
     elif not with_projection:

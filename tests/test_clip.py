@@ -18,6 +18,7 @@ import transformers
 from clip import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, bytes_to_unicode, clip_vit_l14_text_config,
                   load_clip_text, open_clip_bigg14_text_config)
 from fixtures import randomize
+from models import read_state_dict
 
 transformers.logging.set_verbosity_error()
 LONG = " ".join(["a photo of a cat sitting on the red chair under the tree"] * 10)    # > 75 tokens: truncated
@@ -289,3 +290,22 @@ def test_loader_errors(pipe, tmp_path):
     (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
     with pytest.raises(ValueError, match="does not match the model config.*fc1.weight"):
         load_clip_text(str(bad), tokenizer_path=str(root / "tokenizer_2"))
+
+
+def test_text_encoder_saved_without_the_text_model_prefix(pipe, tmp_path):
+    """transformers 5 saves CLIPTextModel(WithProjection) without the `text_model.` key prefix: the same weights in
+    that layout load to the same encoder."""
+    from safetensors.torch import save_file
+    root, _ = pipe
+    for which, sub in ((1, "text_encoder"), (2, "text_encoder_2")):
+        folder = tmp_path / f"flat{which}"
+        shutil.copytree(root, folder)
+        sd = read_state_dict(str(folder / sub))
+        for f in (folder / sub).glob("*.safetensors"):
+            f.unlink()
+        for f in (folder / sub).glob("*.bin"):
+            f.unlink()
+        save_file({k.removeprefix("text_model."): v.contiguous() for k, v in sd.items()},
+                  str(folder / sub / "model.safetensors"))
+        a, b = load_clip_text(str(root), which=which)[1], load_clip_text(str(folder), which=which)[1]
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
