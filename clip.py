@@ -259,16 +259,23 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder, max_length=None):
-        """Read vocab.json, merges.txt and the optional tokenizer_config.json / special_tokens_map.json."""
-        for name in ("vocab.json", "merges.txt"):
-            if not os.path.isfile(os.path.join(folder, name)):
-                raise FileNotFoundError(f"no {name} in {folder!r}: a CLIP tokenizer folder holds vocab.json and "
-                                        "merges.txt (a pipeline's tokenizer/ or tokenizer_2/, or the CLIP model "
-                                        "folder)")
-        vocab = read_json(os.path.join(folder, "vocab.json"))
-        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-            lines = f.read().strip().split("\n")[1:49152 - 256 - 2 + 1]   # skip "#version"; transformers' slice
-        merges = [tuple(line.split()) for line in lines]
+        """Read vocab.json and merges.txt (or the `tokenizers` file tokenizer.json holding both, as transformers 5
+        saves a folder), and the optional tokenizer_config.json / special_tokens_map.json."""
+        has = lambda name: os.path.isfile(os.path.join(folder, name))     # noqa: E731
+        if has("vocab.json") and has("merges.txt"):
+            vocab = read_json(os.path.join(folder, "vocab.json"))
+            with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+                lines = f.read().strip().split("\n")[1:49152 - 256 - 2 + 1]   # skip "#version"; transformers' slice
+            merges = [tuple(line.split()) for line in lines]
+        elif has("tokenizer.json"):
+            model = read_json(os.path.join(folder, "tokenizer.json")).get("model", {})
+            if model.get("type") != "BPE":
+                raise ValueError(f"{folder!r}/tokenizer.json holds a {model.get('type')!r} model, not CLIP's BPE")
+            vocab = model["vocab"]
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        else:
+            raise FileNotFoundError(f"no vocab.json + merges.txt (or tokenizer.json) in {folder!r}: pass a pipeline's "
+                                    "tokenizer/ or tokenizer_2/, or the CLIP model folder")
 
         def read(name):
             path = os.path.join(folder, name)

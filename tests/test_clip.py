@@ -131,8 +131,13 @@ def test_tokenizer_matches_transformers(pipe, sub, tmp_path):
     ours = CLIPTokenizer.from_folder(folder)
     ids, ref = ours(PROMPTS), hf_ids(folder, PROMPTS)
     assert ids.shape == (len(PROMPTS), 77) and ids.dtype == torch.long
+    # transformers 5 has only the fast (tokenizers) CLIP tokenizer: it differs from the original slow algorithm, which
+    # ours follows, on non-ASCII, control characters and upper-case special tokens; those rows are compared with a
+    # slow reference only
+    fast = transformers.CLIPTokenizer.from_pretrained(folder).is_fast
     for p, a, b in zip(PROMPTS, ids, ref):
-        assert torch.equal(a, b), (p, a.tolist(), b.tolist())
+        if not fast or (p.isascii() and p.isprintable() and "<|" not in p):
+            assert torch.equal(a, b), (p, a.tolist(), b.tolist())
     vocab = ours.vocab
     eos = vocab["<|endoftext|>"]
     pad = eos if sub == "tokenizer" else vocab["!"]
@@ -182,6 +187,19 @@ def test_encoder_parity_with_transformers(pipe, which):
     assert (ours["penultimate_hidden_state"] - ours["last_hidden_state"]).abs().max() > 1e-2
 
 
+def _theirs(sd, ref):
+    """Our state dict in the reference's key layout: transformers 5 names CLIPTextModel's keys without the
+    `text_model.` prefix (and keeps no position_ids buffer in the state dict)."""
+    keys = ref.state_dict().keys()
+    sd = {k if k in keys else k.removeprefix("text_model."): v for k, v in sd.items()}
+    return {**{k: ref.state_dict()[k] for k in keys if k not in sd}, **sd}    # e.g. a position_ids buffer
+
+
+def _ours(key, theirs):
+    """A reference key in our layout (the `text_model.` prefix put back where transformers 5 drops it)."""
+    return key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
+
+
 def test_eos_position_rules():
     """eos_token_id == 2: argmax(input_ids) (first largest id); otherwise the first position holding eos_token_id."""
     ids = torch.tensor([[5, 9, 7, 9, 1], [5, 3, 7, 2, 7]])
@@ -192,7 +210,7 @@ def test_eos_position_rules():
         ref = transformers.CLIPTextModel(hf_config(10, eos=eos, num_hidden_layers=1, hidden_size=8,
                                                    num_attention_heads=2, intermediate_size=8,
                                                    max_position_embeddings=5)).eval()
-        ref.load_state_dict(model.state_dict(), strict=False)
+        ref.load_state_dict(_theirs(model.state_dict(), ref), strict=True)
         with torch.no_grad():
             out = model(ids)
             assert torch.allclose(out["pooler_output"], ref(input_ids=ids).pooler_output, atol=1e-5)
@@ -233,7 +251,9 @@ def test_full_clip_model_folder_takes_the_text_tower(pipe, tmp_path):
     tok, enc = load_clip_text(str(tmp_path / "full"), tokenizer_path=str(root / "tokenizer"))
     ids = tok(PROMPTS[:3])
     with torch.no_grad():
-        diff = (enc(ids)["text_embeds"] - full.get_text_features(input_ids=ids)).abs().max()
+        ref = full.get_text_features(input_ids=ids)            # transformers 5: an output whose pooler is projected
+        ref = ref if torch.is_tensor(ref) else ref.pooler_output
+        diff = (enc(ids)["text_embeds"] - ref).abs().max()
     assert diff <= 1e-5
 
 
@@ -250,7 +270,7 @@ def test_release_configs_have_the_transformers_keys_and_sizes():
         cls = transformers.CLIPTextModelWithProjection if proj else transformers.CLIPTextModel
         with torch.device("meta"):
             ours, theirs = CLIPTextModel(config, proj).state_dict(), cls(ref_config).state_dict()
-        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+        assert {k: v.shape for k, v in ours.items()} == {_ours(k, theirs): v.shape for k, v in theirs.items()}
         assert sum(v.numel() for v in ours.values()) == n
 
 
@@ -280,7 +300,7 @@ def test_loader_errors(pipe, tmp_path):
     with pytest.raises(ValueError, match="which=3"):
         load_clip_text(str(sd15), which=3)
     os.remove(sd15 / "tokenizer" / "merges.txt")
-    with pytest.raises(FileNotFoundError, match="no merges.txt"):
+    with pytest.raises(FileNotFoundError, match=r"no vocab.json \+ merges.txt \(or tokenizer.json\)"):
         load_clip_text(str(sd15))
     with pytest.raises(ValueError, match="missing keys: text_projection.weight"):    # CLIPTextModel weights
         load_clip_text(str(root), which=1, with_projection=True)
@@ -309,3 +329,17 @@ def test_text_encoder_saved_without_the_text_model_prefix(pipe, tmp_path):
                   str(folder / sub / "model.safetensors"))
         a, b = load_clip_text(str(root), which=which)[1], load_clip_text(str(folder), which=which)[1]
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_tokenizer_reads_a_tokenizers_json_folder(pipe, tmp_path):
+    """A folder holding only tokenizer.json (as transformers 5, or the fast tokenizer with legacy_format=False,
+    saves it) gives the same ids as vocab.json + merges.txt."""
+    folder = str(pipe[0] / "tokenizer")
+    transformers.CLIPTokenizerFast.from_pretrained(folder).save_pretrained(tmp_path / "fast", legacy_format=False)
+    for name in ("vocab.json", "merges.txt"):
+        if (tmp_path / "fast" / name).exists():
+            (tmp_path / "fast" / name).unlink()
+    assert (tmp_path / "fast" / "tokenizer.json").exists()
+    ascii_prompts = [p for p in PROMPTS if p.isascii() and p.isprintable()]
+    assert torch.equal(CLIPTokenizer.from_folder(str(tmp_path / "fast"))(ascii_prompts),
+                       CLIPTokenizer.from_folder(folder)(ascii_prompts))
