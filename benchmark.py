@@ -193,8 +193,8 @@ def precision_table(args, times=(224, 449, 674, 889), batch=8):
     torch.manual_seed(0)
     config = pixart_xl_2_512_config() if args.full_size else RSS_CONFIG
     net = dit_from_config(config).to(device).eval()
-    fp32, bf16, fp16 = (PixArtTeacher.from_network(net, autocast=a) for a in (None, torch.bfloat16, torch.float16))
-    shape = (batch, *fp32.sample_shape)
+    teacher = PixArtTeacher.from_network(net)                      # its call and schedule; autocast set below
+    shape = (batch, *teacher.sample_shape)
     cond = (torch.randn(batch, 16, config.caption_channels, device=device),
             torch.ones(batch, 16, dtype=torch.long, device=device))
     rms = lambda z: z.double().pow(2).mean().sqrt().item()
@@ -205,15 +205,17 @@ def precision_table(args, times=(224, 449, 674, 889), batch=8):
     rows = {}
     for t_int in times:
         t = torch.full((batch,), t_int, device=device)
-        a, s = fp32.schedule.alpha(t)[0].item(), fp32.schedule.sigma(t)[0].item()
+        a, s = teacher.schedule.alpha(t)[0].item(), teacher.schedule.sigma(t)[0].item()
         x_t = a * torch.randn(shape, device=device) + s * torch.randn(shape, device=device)
-        eps_ref = fp32.call(net, x_t, t, cond)[:, :4]
-        x0_ref = fp32.x0(net, x_t, t, cond)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            eps = fp32.call(net, x_t, t, cond)[:, :4]
-        rounded = x0_from_prediction(eps.bfloat16().float(), x_t, fp32.schedule, t, "epsilon")
-        r = dict(ratio=s / a, eps=rms(eps - eps_ref), x0=rms(bf16.x0(net, x_t, t, cond) - x0_ref),
-                 x0_rounded=rms(rounded - x0_ref), x0_fp16=rms(fp16.x0(net, x_t, t, cond) - x0_ref))
+        out = {}                                                   # the network's raw output, one forward each
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                out[name] = teacher.call(net, x_t, t, cond)      # (B, 8, h, w) fp32: eps and variance
+        x0 = {k: x0_from_prediction(v, x_t, teacher.schedule, t, "epsilon+variance") for k, v in out.items()}
+        eps_bf16 = out["bf16"][:, :4]
+        rounded = x0_from_prediction(eps_bf16.bfloat16().float(), x_t, teacher.schedule, t, "epsilon")
+        r = dict(ratio=s / a, eps=rms(eps_bf16 - out["fp32"][:, :4]), x0=rms(x0["bf16"] - x0["fp32"]),
+                 x0_rounded=rms(rounded - x0["fp32"]), x0_fp16=rms(x0["fp16"] - x0["fp32"]))
         rows[t_int] = r
         print(f"{t_int:4d} {r['ratio']:11.1f} {r['eps']:9.2e} {r['x0']:9.2e} {r['x0_rounded']:28.2e} "
               f"{r['x0_fp16']:22.2e}")

@@ -12,7 +12,7 @@ and imports only this file. This file holds:
   - configs: `JSONConfig`, the base of every network config (fields = the config.json keys);
   - weights: reading single, sharded and legacy checkpoints, one exact key/shape check, atomic saving,
     building on the meta device;
-  - layers: sinusoidal timestep embedding, one attention module (diffusers key names);
+  - layers: sinusoidal timestep embedding, one attention module and one feed-forward (diffusers key names);
   - LoRA: adapters on a frozen base, views that make one adapter a network, their state dicts;
   - gradient checkpointing that keeps the active LoRA adapters in the recomputation;
   - TDM-unify's step-count embedding, around any network that accepts an extra time embedding;
@@ -223,6 +223,30 @@ class Attention(nn.Module):
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)          # (B, heads, N, hd)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, D))            # (B, N, D)
+
+
+class FeedForward(nn.Module):
+    """diffusers' transformer MLP: D -> mult*D -> D, the first layer an activation projection (key `net.0.proj`):
+    "gelu-tanh" = Linear then tanh-approximate GELU (PixArt), "geglu" = Linear to 2 x inner, value * GELU(gate)
+    (SD UNets). Index 1 of `net` is diffusers' dropout slot, kept so the keys read ff.net.0 / ff.net.2."""
+    def __init__(self, dim, activation="gelu-tanh", mult=4):
+        super().__init__()
+        if activation not in ("gelu-tanh", "geglu"):
+            raise ValueError(f"feed-forward activation {activation!r}: expected 'gelu-tanh' or 'geglu'")
+        inner = mult * dim
+        first = nn.Module()
+        first.proj = nn.Linear(dim, 2 * inner if activation == "geglu" else inner)
+        self.activation = activation
+        self.net = nn.Sequential(first, nn.Identity(), nn.Linear(inner, dim))
+
+    def forward(self, x):
+        h = self.net[0].proj(x)                                              # (B, N, inner or 2 inner)
+        if self.activation == "geglu":
+            value, gate = h.chunk(2, dim=-1)                                 # value first, as diffusers' GEGLU
+            h = value * F.gelu(gate)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.net[2](h)
 
 
 #################################################################################

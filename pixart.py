@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models import Attention, JSONConfig, build_and_load, checkpointed, read_state_dict, timestep_embedding
+from models import (Attention, FeedForward, JSONConfig, build_and_load, checkpointed, read_state_dict,
+                    timestep_embedding)
 
 
 #################################################################################
@@ -176,26 +177,6 @@ class AdaLNSingle(nn.Module):
 #################################################################################
 #                          Transformer blocks                                   #
 #################################################################################
-
-class GELUProj(nn.Module):
-    """Linear followed by tanh-approximated GELU (diffusers `GELU`, key `proj`)."""
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x):
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """D -> 4D -> D MLP; index 1 of `net` is diffusers' dropout slot, kept so the keys read ff.net.0 / ff.net.2."""
-    def __init__(self, dim, mult=4):
-        super().__init__()
-        self.net = nn.Sequential(GELUProj(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
-
-    def forward(self, x):
-        return self.net(x)
-
 
 class PixArtBlock(nn.Module):
     """Self-attention and MLP modulated by the shared t6 plus this block's table; plain cross-attention between."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import Attention, JSONConfig, build_and_load, checkpointed, read_state_dict, timestep_embedding
+from models import Attention, FeedForward, JSONConfig, build_and_load, checkpointed, read_state_dict, timestep_embedding
 
 
 #################################################################################
@@ -162,27 +162,6 @@ class ResnetBlock2D(nn.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-class GEGLU(nn.Module):
-    """Linear to 2 x inner, value * exact GELU(gate), the value being the first half (key `proj`)."""
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, 2 * dim_out)
-
-    def forward(self, x):
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    """D -> GEGLU 4D -> D; index 1 of `net` is diffusers' dropout slot, kept so the keys read ff.net.0 / ff.net.2."""
-    def __init__(self, dim, mult=4):
-        super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm self-attention, cross-attention on the text, GEGLU MLP; q/k/v without bias."""
     def __init__(self, dim, heads, context_dim):
@@ -192,7 +171,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim=context_dim, bias=False)
         self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
+        self.ff = FeedForward(dim, "geglu")
 
     def forward(self, x, context):
         x = x + self.attn1(self.norm1(x))
