@@ -16,12 +16,11 @@ With cfg > 1 the reference for sw2 and mmd is the teacher's 100-step CFG sampler
 """
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-from sample import load_run, read_run_meta, student_samples, teacher_samples
+from sample import (command_line, load_run, parse_step_counts, read_run_meta, student_samples,
+                    teacher_samples)
 from teachers import TEACHERS, load_teacher
 
 
@@ -167,17 +166,6 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def _steps(p, flag, text):
-    """'1,2,4' -> [1, 2, 4]; anything else: one argparse error line."""
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"{flag} {text!r}: expected step counts separated by commas, e.g. 1,2,4")
-    if any(s < 1 for s in steps):
-        p.error(f"{flag} {text!r}: step counts must be at least 1")
-    return steps
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Exact toy metrics for the teacher and a TDM student.")
     p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (--help lists the flags)\n")   # one line, no usage
@@ -194,8 +182,11 @@ def main(argv=None):
                    "DDIM (as trained) or DPM-Solver++(2M)")
     p.add_argument("--json", default=None, help="also write the table to this JSON file")
     a = p.parse_args(argv)
-    teacher_steps, student_steps = _steps(p, "--teacher-steps", a.teacher_steps), _steps(p, "--student-steps",
-                                                                                       a.student_steps)
+    try:
+        teacher_steps = parse_step_counts(a.teacher_steps, "--teacher-steps")
+        student_steps = parse_step_counts(a.student_steps, "--student-steps")
+    except ValueError as e:
+        p.error(str(e))
     if a.n < 2:
         p.error(f"--n {a.n}: the metrics need at least 2 samples per sampler")
     if a.teacher is not None and a.teacher not in TEACHERS:
@@ -228,9 +219,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:   # a bad input: its message, no traceback (TDM_TRACEBACK=1 shows it)
-        if os.environ.get("TDM_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}")
+    command_line(main)

@@ -329,6 +329,31 @@ def image_grid(images, cols=4, pad=2, background=(255, 255, 255)):
 #                          CLI                                                  #
 #################################################################################
 
+def parse_step_counts(text, flag, t_max=None):
+    """'1,2,4' -> (1, 2, 4); '' -> (); otherwise a ValueError naming `flag`. With t_max: distinct counts, each in
+    1..t_max + 1 (what fits on a grid below t_max); without: each at least 1."""
+    try:
+        counts = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected step counts separated by commas, e.g. 1,2,4") from None
+    if t_max is None and any(k < 1 for k in counts):
+        raise ValueError(f"{flag} {text!r}: step counts must be at least 1")
+    if t_max is not None and (any(not 1 <= k <= t_max + 1 for k in counts) or len(set(counts)) != len(counts)):
+        raise ValueError(f"{flag} {text!r}: step counts must be distinct, each in 1..{t_max + 1}")
+    return counts
+
+
+def command_line(main):
+    """Run a script's main (train.py, sample.py, eval.py). A bad input, a ValueError or FileNotFoundError of a
+    check or a loader, ends it with its one-line message and status 1, no traceback (TDM_TRACEBACK=1 shows it)."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("TDM_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample a teacher (N-step DDIM / DPM-Solver++ with CFG) or a TDM student "
                                 "(its K-step grid) to a PNG: a scatter plot for the toy, an image grid for images.")
@@ -391,9 +416,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:   # a bad input: its message, no traceback (TDM_TRACEBACK=1 shows it)
-        if os.environ.get("TDM_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}")
+    command_line(main)

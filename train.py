@@ -134,7 +134,10 @@ def check_args(p, args):
         p.error(f"--t-max {args.t_max}: the first grid time must be a training timestep in 1..999 (official 899)")
     if not 1 <= args.steps <= args.t_max + 1:
         p.error(f"--steps {args.steps}: the student needs 1 to {args.t_max + 1} steps below --t-max {args.t_max}")
-    args.unify_steps = parse_step_counts(p, "--unify", args.unify, args.t_max)
+    try:
+        args.unify_steps = sample.parse_step_counts(args.unify, "--unify", args.t_max)
+    except ValueError as e:
+        p.error(str(e))
     if args.figure_n < 0 or args.eval_n < 1 and args.eval_every or args.final_eval_n < 0:
         p.error("--figure-n and --final-eval-n must be 0 (off) or more; --eval-n at least 1 while --eval-every is on")
     if args.fake_reg < 0:
@@ -157,17 +160,6 @@ def check_args(p, args):
     args.toy_target = args.toy_target or ("ring" if points else None)
 
 
-def parse_step_counts(p, flag, text, t_max):
-    """'1,2,4' -> (1, 2, 4); '' -> (); anything else: one error line."""
-    try:
-        counts = tuple(int(k) for k in text.split(",") if k.strip())
-    except ValueError:
-        p.error(f"{flag} {text!r}: expected step counts separated by commas, e.g. 1,2,4")
-    if any(not 1 <= k <= t_max + 1 for k in counts) or len(set(counts)) != len(counts):
-        p.error(f"{flag} {text!r}: step counts must be distinct, each in 1..{t_max + 1}")
-    return counts
-
-
 def resume_settings(args, argv):
     """The run's own saved settings, except these when given again on this command line; and its checkpoint."""
     state, old = load_checkpoint(args.resume)
@@ -188,7 +180,7 @@ def resume_settings(args, argv):
                          f"{', '.join('--' + k.replace('_', '-') for k in sorted(given - keep))} (allowed: "
                          f"{', '.join('--' + k.replace('_', '-') for k in sorted(keep - {'resume'}))})")
     args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in vars(args).items() if k in keep & given}})
-    args.unify_steps = tuple(int(k) for k in args.unify.split(",") if k) if args.unify else ()
+    args.unify_steps = sample.parse_step_counts(args.unify, "--unify", args.t_max)
     args.out, args.name = os.path.split(os.path.normpath(args.resume))
     return args, state
 
@@ -647,9 +639,4 @@ class ImagePreviews:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:   # a bad input: its message, no traceback (TDM_TRACEBACK=1 shows it)
-        if os.environ.get("TDM_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}")
+    sample.command_line(main)
