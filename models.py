@@ -153,6 +153,16 @@ def _read_folder(folder):
                             "index json) or *.bin; is this the right folder?")
 
 
+def component_folder(path, sub, alternative=""):
+    """The folder of one component of a diffusers pipeline: `path/sub` when `path` is the pipeline folder, else
+    `path` itself; it must hold the component's config.json (`alternative`: what else the caller accepts)."""
+    folder = os.path.join(path, sub) if os.path.isdir(os.path.join(path, sub)) else path
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"no config.json in {folder!r}: pass the diffusers pipeline folder (with {sub}/) or "
+                                f"its {sub}/ sub-folder{alternative}")
+    return folder
+
+
 def load_exact(module, state_dict, what, assign=False):
     """Load `state_dict` into `module`, raising one error that lists missing, unexpected and mis-shaped keys
     (assign=True: the module, e.g. built on the meta device, takes over the checkpoint's tensors)."""

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models import (Attention, FeedForward, JSONConfig, build_and_load, checkpointed, read_state_dict,
-                    timestep_embedding)
+from models import (Attention, FeedForward, JSONConfig, build_and_load, checkpointed, component_folder,
+                    read_state_dict, timestep_embedding)
 
 
 #################################################################################
@@ -347,12 +347,8 @@ def load_pixart(path, config=None, device="cpu", dtype=None):
         raise FileNotFoundError(f"PixArt weights not found: {path!r} does not exist; pass the diffusers model "
                                 "folder, its transformer/ sub-folder, or PixArt-XL-2-*.pth")
     if os.path.isdir(path):
-        folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
-        if config is None:
-            config = os.path.join(folder, "config.json")
-            if not os.path.isfile(config):
-                raise FileNotFoundError(f"no config.json in {folder!r}: pass a diffusers PixArt model folder (with "
-                                        "transformer/), its transformer/ sub-folder, or an original .pth file")
+        folder = component_folder(path, "transformer", ", or an original PixArt .pth file")
+        config = os.path.join(folder, "config.json") if config is None else config
         sd, source = read_state_dict(folder), folder
     else:
         sd, source = read_state_dict(path), path

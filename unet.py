@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import Attention, FeedForward, JSONConfig, build_and_load, checkpointed, read_state_dict, timestep_embedding
+from models import (Attention, FeedForward, JSONConfig, build_and_load, checkpointed, component_folder,
+                    read_state_dict, timestep_embedding)
 
 
 #################################################################################
@@ -407,12 +408,8 @@ def load_unet(path, config=None, device="cpu", dtype=None):
         raise ValueError(f"{path!r} is a single file: original LDM / single-file checkpoints "
                          "(model.diffusion_model.* keys) are not implemented; pass a diffusers pipeline folder "
                          "(with unet/) or its unet/ sub-folder")
-    folder = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
-    if config is None:
-        config = os.path.join(folder, "config.json")
-        if not os.path.isfile(config):
-            raise FileNotFoundError(f"no config.json in {folder!r}: pass a diffusers pipeline folder (with unet/) "
-                                    "or its unet/ sub-folder")
+    folder = component_folder(path, "unet")
+    config = os.path.join(folder, "config.json") if config is None else config
     sd = read_state_dict(folder)
     if any(k.startswith("model.diffusion_model.") for k in sd):
         raise ValueError(f"{folder!r} holds an original LDM UNet (model.diffusion_model.* keys): that format is not "

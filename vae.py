@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models import Attention, JSONConfig, build_and_load, read_state_dict
+from models import Attention, JSONConfig, build_and_load, component_folder, read_state_dict
 
 
 #################################################################################
@@ -254,11 +254,7 @@ def load_vae(path, dtype=None, config=None):
         raise FileNotFoundError(f"VAE path {path!r} does not exist; pass the diffusers pipeline folder, its vae/ "
                                 "sub-folder, or a VAE checkpoint file")
     if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "vae")):
-            path = os.path.join(path, "vae")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"no config.json in {path!r}: unknown layout. Pass the diffusers pipeline folder "
-                                    "(with vae/) or the vae/ folder holding config.json and the weights")
+        path = component_folder(path, "vae", ", or a VAE checkpoint file")
         config = config or VAEConfig.from_json(os.path.join(path, "config.json"))
     config = config or sd_vae_config()
     sd = vae_state_dict_from_any(read_state_dict(path), len(config.block_out_channels))
