@@ -24,6 +24,7 @@ time embedding. The project never imports diffusers or transformers; the tests u
 references. Parameter names equal the diffusers / transformers state-dict keys, so their folders load as
 they are.
 """
+import contextlib
 import glob
 import json
 import math
@@ -95,39 +96,86 @@ def save_safetensors(tensors, path, metadata=None):
     os.replace(tmp, path)
 
 
-def read_state_dict(path):
+def cache_dir():
+    """Where fitted toy teachers and prompt embeddings are cached ($TDM_CACHE, default ~/.cache/tdm)."""
+    return os.environ.get("TDM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tdm"))
+
+
+def read_state_dict(path, prefixes=None):
     """Read a checkpoint: a .safetensors / .bin / .pth / .ckpt file, or a folder of (possibly sharded) weights.
 
     Folders may hold `*.safetensors`, an `*.safetensors.index.json` with its shards, or legacy
     `*.bin` files with `pytorch_model.bin.index.json`. Variants such as `.fp16.` are accepted when
-    they are the only weights present.
+    they are the only weights present. `prefixes` (a tuple of str): keep only the keys starting with one of them,
+    reading only those tensors (one component of an original single-file checkpoint: safetensors reads just their
+    bytes, torch pickles are memory-mapped, so a 7 GB file is not read once per component).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights not found: {path!r} does not exist; pass the folder you downloaded "
                                 "(e.g. the model folder or its transformer/ sub-folder) or a checkpoint file")
+    prefixes = tuple(prefixes) if prefixes is not None else None
     if os.path.isdir(path):
-        return _read_folder(path)
-    return _read_file(path)
+        return _read_folder(path, prefixes)
+    return _read_file(path, prefixes)
 
 
-def _read_file(path):
+def checkpoint_shapes(path):
+    """{key: shape} of a checkpoint file without reading its tensors (the safetensors header, or a memory-mapped
+    torch pickle): what a loader inspects to tell which model a single file holds."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with _reading(path):
+            with safe_open(path, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {k: tuple(v.shape) for k, v in _read_file(path).items()}
+
+
+def _wanted(key, prefixes):
+    return prefixes is None or key.startswith(prefixes)
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Turn a library's failure to parse a checkpoint (a truncated or foreign file, pickled objects that weights-only
+    loading refuses) into one ValueError line naming the file and the fix."""
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # truncated or foreign files surface here with the library's own message
-        raise ValueError(f"could not read checkpoint {path!r}: {e}. The file may be truncated or not a "
+        yield
+    except Exception as e:       # truncated or foreign files surface here with the library's own message
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "Weights only load failed" in first:
+            raise ValueError(f"could not read checkpoint {path!r}: it holds pickled Python objects besides tensors "
+                             "(e.g. training state), which are not loaded for safety; save its state dict as "
+                             ".safetensors with a tool you trust, or get the .safetensors release") from e
+        raise ValueError(f"could not read checkpoint {path!r}: {first}. The file may be truncated or not a "
                          "torch/safetensors checkpoint; download it again.") from e
+
+
+def _torch_load(path):
+    """torch.load, memory-mapped when the file is a zip archive (torch >= 1.6 format) so unread tensors cost nothing."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):      # the legacy (non-zip) pickle format cannot be mapped
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_file(path, prefixes=None):
+    with _reading(path):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if _wanted(k, prefixes)}
+        sd = _torch_load(path)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]                      # original PixArt / LDM checkpoints
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path!r} is not a state dict of tensors (found {type(sd).__name__}); "
                          "pass a model checkpoint, not a training checkpoint or pipeline object")
-    return sd
+    return {k: v for k, v in sd.items() if _wanted(k, prefixes)}
 
 
-def _read_folder(folder):
+def _read_folder(folder, prefixes=None):
     for index_name in sorted(glob.glob(os.path.join(folder, "*.index.json"))):
         weight_map = read_json(index_name).get("weight_map")
         if not weight_map:
@@ -138,14 +186,14 @@ def _read_folder(folder):
             if not os.path.exists(shard_path):
                 raise FileNotFoundError(f"shard {shard!r} listed in {index_name!r} is missing; "
                                         "the download is incomplete")
-            sd.update(_read_file(shard_path))
+            sd.update(_read_file(shard_path, prefixes))
         return sd
     for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt"):
         files = sorted(glob.glob(os.path.join(folder, pattern)))
         plain = [f for f in files if os.path.basename(f).count(".") == 1]   # skip variants like x.fp16.safetensors
         files = plain or files
         if len(files) == 1:
-            return _read_file(files[0])
+            return _read_file(files[0], prefixes)
         if len(files) > 1:
             raise ValueError(f"{folder!r} holds several weight files {[os.path.basename(f) for f in files]} "
                              "and no index json; pass the one file to use")
@@ -376,7 +424,7 @@ class LoRAView(nn.Module):
     def state_dict(self, *args, **kw):
         return lora_state_dict(self.model, self.name)
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict, strict=True, assign=False):
         load_lora_state_dict(self.model, state_dict, self.name)
 
 

@@ -36,26 +36,37 @@ def read_run_meta(run_dir):
         return json.load(f)
 
 
-def load_run(run_dir, teacher=None, device=None, meta=None):
+def load_run(run_dir, teacher=None, device=None, meta=None, weights=None):
     """(teacher, student network, meta) from a run folder written by train.py (student.safetensors + student.json;
     `meta`: its read_run_meta, when the caller has it already; `teacher`: another teacher name to load instead of
-    the run's, e.g. toy-exact).
+    the run's, e.g. toy-exact; `weights`: another model of the same architecture to load the teacher from, e.g. a
+    community fine-tune that an SD1.5 LoRA student is plugged into (paper Table 2)). Image students sample at
+    the resolution they were trained at.
 
     The student is the teacher's network with the student's weights (full fine-tune; under TDM-unify with its
     step-count embedding), or the teacher's network with the student LoRA adapter (a LoRAView: the teacher
     itself stays available with the adapter off).
     """
     meta = meta or read_run_meta(run_dir)
-    weights = os.path.join(run_dir, "student.safetensors")
-    state = read_state_dict(weights)
-    t = load_teacher(teacher or meta["teacher"], meta.get("weights"), target=meta.get("target"), device=device,
-                     log=None)
-    if meta.get("lora"):   # the adapter as trained: fp32 on the teacher's own base
-        net = trainable_lora_views(t.network, meta["lora"], meta["lora_alpha"], names=("student",))[0]
-        net.load_state_dict(state)
-    else:
-        net = copy_network(t.network, meta.get("unify") or ())
-        load_exact(net, unify_keys_from_flat(state), f"student weights {weights!r}")
+    path = os.path.join(run_dir, "student.safetensors")
+    state = read_state_dict(path)
+    name = teacher or meta["teacher"]
+    resolution = meta.get("args", {}).get("resolution")
+    kw = dict(resolution=resolution) if TEACHERS[name].OUTPUT == "images" and resolution else {}
+    t = load_teacher(name, weights or meta.get("weights"), target=meta.get("target"), device=device, log=None, **kw)
+    try:
+        if meta.get("lora"):   # the adapter as trained: fp32 on the teacher's own base
+            net = trainable_lora_views(t.network, meta["lora"], meta["lora_alpha"], names=("student",))[0]
+            load_exact(net, state, f"student weights {path!r}")
+        else:
+            net = copy_network(t.network, meta.get("unify") or ())
+            load_exact(net, unify_keys_from_flat(state), f"student weights {path!r}")
+    except ValueError as e:
+        if not weights:
+            raise
+        raise ValueError(f"{e} A student moves only to a model of its own architecture: this one was trained on "
+                         f"{meta.get('weights')!r}, not on one like {weights!r} (an SD1.5 LoRA goes to SD1.5 "
+                         "fine-tunes)") from None
     return t, net.eval().requires_grad_(False), meta
 
 
@@ -361,14 +372,16 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", choices=list(TEACHERS), help="sample the teacher")
     src.add_argument("--student", help="a run folder written by train.py: sample the student with K steps")
-    p.add_argument("--weights", help="image teachers: the diffusers model folder")
+    p.add_argument("--weights", help="image teachers: the diffusers model folder or (sd15, sdxl) checkpoint file; "
+                   "with --student: another model of the run's architecture to plug its LoRA into (e.g. an SD1.5 "
+                   "fine-tune)")
     p.add_argument("--toy-target", default=None, help="toy teachers: ring (default) | grid | FILE.json")
     p.add_argument("--steps", type=int, default=4, help="sampling steps (teacher N, student K)")
     p.add_argument("--solver", default="ddim", choices=["ddim", "dpm"],
                    help="ddim, or dpm: DPM-Solver++(2M) (teacher: diffusers' linspace timesteps; student: its "
                    "own grid)")
     p.add_argument("--cfg", type=float, default=None, help="teacher guidance (default: the teacher's training "
-                   "default, toy 1, pixart 4.5); students use none")
+                   "default, toy 1, pixart 4.5, sd15 3.5, sdxl 8); students use none")
     p.add_argument("--prompts", nargs="+", default=None, help="image teachers: prompts (default: the first 4 of "
                    "prompts.txt)")
     p.add_argument("--n", type=int, default=20000, help="toy: number of points")
@@ -380,7 +393,7 @@ def main(argv=None):
     if a.n < 1:
         p.error(f"--n {a.n}: draw at least one point")
     if a.student:
-        teacher, net, meta = load_run(a.student)
+        teacher, net, meta = load_run(a.student, weights=a.weights)
         unify, t_max = bool(meta.get("unify")), meta["t_max"]
         if a.steps > t_max + 1:
             p.error(f"--steps {a.steps}: the student's grid starts at t = {t_max}, so at most {t_max + 1} steps fit")

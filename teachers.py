@@ -2,8 +2,8 @@
 brings to a run (its schedule, conditions, output kind and default hyper-parameters).
 
     x0_from_prediction    network output -> x0 for eps, v and eps-with-learned-variance (docs/method.md §1)
-    GMM, ToyTeacher       2-D Gaussian-mixture targets with an exact denoiser, and the toy teacher: an MLP fitted
-                          to the mixture (or the closed form itself, ExactToyTeacher)
+    ToyTeacher            the 2-D toy teacher: an MLP fitted to a Gaussian mixture of toy.py (ExactToyTeacher:
+                          the mixture's closed-form denoiser itself)
     LatentTextToImageTeacher   the base of the image teachers: folder and scheduler checks, per-call autocast,
                           prompt embeddings cached on disk, the empty-prompt uncond, lazy VAE decoding
     PixArtTeacher         PixArt-α on a diffusers folder (pixart.py, t5.py, vae.py)
@@ -24,10 +24,13 @@ import warnings
 import torch
 
 import tdm
-from models import StepCountEmbedding, read_json, read_state_dict, save_safetensors, toy_mlp, use_adapter
+from models import StepCountEmbedding, cache_dir, read_json, save_safetensors, use_adapter
+from clip import load_clip_text
 from pixart import load_pixart
 from t5 import load_t5
-from vae import VAEConfig, load_vae
+from toy import fitted_toy_network, load_target
+from unet import load_unet
+from vae import VAEConfig, load_vae, sd_vae_config
 
 
 #################################################################################
@@ -55,16 +58,6 @@ def x0_from_prediction(out, x_t, schedule, t, prediction):
     return x0.to(x_t.dtype)
 
 
-def prediction_target(x0, eps, schedule, t, prediction):
-    """The inverse: what a network of this prediction type regresses on for x_t = alpha x0 + sigma eps
-    (epsilon: eps; v_prediction: v = alpha eps - sigma x0). Used to fit the toy teacher."""
-    if prediction == "epsilon":
-        return eps
-    if prediction == "v_prediction":
-        return tdm._bc(schedule.alpha(t), x0) * eps - tdm._bc(schedule.sigma(t), x0) * x0
-    raise ValueError(f"prediction type {prediction!r}: expected 'epsilon' or 'v_prediction'")
-
-
 def _step_count_kwargs(net, K):
     """{'step_count': K} for a TDM-unify network (models.StepCountEmbedding), {} when K is None."""
     if K is None:
@@ -82,141 +75,6 @@ def copy_network(net, step_counts=()):
     return StepCountEmbedding(new, step_counts) if step_counts else new
 
 
-def cache_dir():
-    """Where fitted toy teachers and prompt embeddings are cached ($TDM_CACHE, default ~/.cache/tdm)."""
-    return os.environ.get("TDM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tdm"))
-
-
-#################################################################################
-#                          Gaussian mixtures (toy targets)                      #
-#################################################################################
-
-class GMM:
-    """sum_k pi_k N(mu_k, Sigma_k) with a class label per component (class-conditional = renormalised subset)."""
-
-    def __init__(self, means, covs, weights, classes, name="gmm"):
-        self.means = torch.as_tensor(means, dtype=torch.float64)            # (M, D)
-        self.covs = torch.as_tensor(covs, dtype=torch.float64)              # (M, D, D)
-        w = torch.as_tensor(weights, dtype=torch.float64)
-        self.weights = w / w.sum()                                          # (M,)
-        self.classes = torch.as_tensor(classes, dtype=torch.long)           # (M,)
-        self.n_classes = int(self.classes.max()) + 1
-        self.name = name
-        M, D = self.means.shape
-        if self.covs.shape != (M, D, D) or self.weights.shape != (M,) or self.classes.shape != (M,):
-            raise ValueError(f"GMM {name!r}: {M} means of dim {D} need covs ({M},{D},{D}), weights ({M},) and "
-                             f"classes ({M},); got {tuple(self.covs.shape)}, {tuple(self.weights.shape)}, "
-                             f"{tuple(self.classes.shape)}")
-        if set(self.classes.tolist()) != set(range(self.n_classes)):
-            raise ValueError(f"GMM {name!r}: classes must be 0..C-1 with every class used; got {self.classes.tolist()}")
-        self.chol, info = torch.linalg.cholesky_ex(self.covs)          # (M, D, D) lower factors, for sample()
-        bad = info.nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(f"GMM {name!r}: the covariance of component(s) {bad} is not positive definite; "
-                             "give symmetric matrices with positive eigenvalues (or use 'stds')")
-
-    @property
-    def dim(self):
-        return self.means.shape[1]
-
-    def class_prior(self):
-        """(C,) probability of each class."""
-        return torch.zeros(self.n_classes, dtype=torch.float64).index_add_(0, self.classes, self.weights)
-
-    def _log_w(self, labels):
-        """(B, M) log mixture weights given labels (label == n_classes: the null class, all components)."""
-        lw = self.weights.log().expand(labels.shape[0], -1).clone()
-        keep = (self.classes[None] == labels[:, None]) | (labels[:, None] == self.n_classes)
-        return lw.masked_fill(~keep, -math.inf)
-
-    def sample(self, n, labels=None, generator=None):
-        """n samples (n, D) float32; labels (n,) drawn from the class prior when not given."""
-        if labels is None:
-            labels = torch.multinomial(self.class_prior(), n, replacement=True, generator=generator)
-        comp = torch.multinomial(self._log_w(labels.cpu()).softmax(-1), 1, generator=generator).squeeze(1)
-        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
-        x = self.means[comp] + (self.chol[comp] @ z[:, :, None]).squeeze(-1)
-        return x.float(), labels
-
-    def _posterior(self, x, alpha, sigma, labels):
-        """Per-component log N(x; alpha mu_k, alpha^2 Sigma_k + sigma^2 I) + log w and the component means of x0."""
-        x = x.double()
-        a, s = alpha.double()[:, None, None, None], sigma.double()[:, None, None, None]   # (B,1,1,1)
-        eye = torch.eye(self.dim, dtype=torch.float64)
-        S = a ** 2 * self.covs[None] + s ** 2 * eye                                       # (B, M, D, D)
-        r = x[:, None, :] - a[..., 0] * self.means[None]                                   # (B, M, D)
-        Sinv_r = torch.linalg.solve(S, r[..., None])                                       # (B, M, D, 1)
-        logp = -0.5 * (r[..., None] * Sinv_r).sum((-1, -2)) - 0.5 * torch.logdet(S) \
-            - 0.5 * self.dim * math.log(2 * math.pi) + self._log_w(labels.cpu()).to(x.device)  # (B, M)
-        mu0 = self.means[None] + a[..., 0] * (self.covs[None] @ Sinv_r).squeeze(-1)        # (B, M, D)
-        return logp, mu0
-
-    def denoise(self, x_t, alpha, sigma, labels):
-        """Exact E[x0 | x_t, label] for x_t = alpha x0 + sigma z; alpha, sigma, labels: (B,)."""
-        logp, mu0 = self._posterior(x_t, alpha, sigma, labels)
-        return (logp.softmax(-1)[..., None] * mu0).sum(1).to(x_t.dtype)
-
-    def log_prob(self, x, labels=None):
-        """log p(x) (or log p(x | label)) under the mixture -> (B,)."""
-        labels = torch.full((x.shape[0],), self.n_classes) if labels is None else labels
-        one, zero = torch.ones(x.shape[0]), torch.zeros(x.shape[0])
-        return torch.logsumexp(self._posterior(x.cpu(), one, zero, labels)[0], -1)
-
-    def responsibilities(self, x):
-        """(B, M) posterior probability of each component for clean points x (mode assignment)."""
-        one, zero = torch.ones(x.shape[0]), torch.zeros(x.shape[0])
-        return self._posterior(x.cpu(), one, zero, torch.full((x.shape[0],), self.n_classes))[0].softmax(-1)
-
-    def spec(self):
-        return dict(name=self.name, means=self.means.tolist(), covs=self.covs.tolist(),
-                    weights=self.weights.tolist(), classes=self.classes.tolist())
-
-
-def ring_target(n_modes=8, radius=2.0, std=0.1):
-    """Default toy target: 8 modes on a circle, alternating between 2 classes."""
-    ang = torch.arange(n_modes) * 2 * math.pi / n_modes
-    means = radius * torch.stack([ang.cos(), ang.sin()], 1)
-    return GMM(means, std ** 2 * torch.eye(2).expand(n_modes, 2, 2), torch.ones(n_modes),
-               torch.arange(n_modes) % 2, name="ring")
-
-
-def grid_target(n=5, spacing=1.0, std=0.1):
-    """A 5x5 grid of modes, checkerboard classes."""
-    c = (torch.arange(n) - (n - 1) / 2) * spacing
-    means = torch.cartesian_prod(c, c)                                     # (n*n, 2)
-    classes = (torch.arange(n)[:, None] + torch.arange(n)[None]).flatten() % 2
-    return GMM(means, std ** 2 * torch.eye(2).expand(n * n, 2, 2), torch.ones(n * n), classes, name="grid")
-
-
-def load_target(name):
-    """'ring', 'grid', or a JSON file with `means`, `covs` or `stds`, optional `weights` and `classes`."""
-    if name == "ring":
-        return ring_target()
-    if name == "grid":
-        return grid_target()
-    if not name.endswith(".json"):
-        raise ValueError(f"unknown toy target {name!r}: use 'ring', 'grid' or a path to a .json GMM file")
-    if not os.path.exists(name):
-        raise FileNotFoundError(f"toy target file {name!r} not found")
-    with open(name) as f:
-        spec = json.load(f)
-    if "means" not in spec or ("covs" in spec) == ("stds" in spec):
-        raise ValueError(f"{name}: a GMM file needs 'means' and exactly one of 'covs' (M x D x D) or 'stds' "
-                         f"(M scalars or M x D); found keys {sorted(spec)}")
-    means = torch.tensor(spec["means"], dtype=torch.float64)
-    if means.dim() != 2:
-        raise ValueError(f"{name}: 'means' must be a list of points (M x D), got shape {tuple(means.shape)}")
-    M, D = means.shape
-    if "covs" in spec:
-        covs = torch.tensor(spec["covs"], dtype=torch.float64)
-    else:
-        stds = torch.tensor(spec["stds"], dtype=torch.float64)
-        stds = stds[:, None].expand(M, D) if stds.dim() == 1 else stds
-        covs = torch.diag_embed(stds ** 2)
-    return GMM(means, covs, spec.get("weights", [1.0] * M), spec.get("classes", [0] * M),
-               name=os.path.splitext(os.path.basename(name))[0])
-
-
 #################################################################################
 #                          Toy teacher                                          #
 #################################################################################
@@ -232,7 +90,7 @@ class ToyTeacher:
     # train.py's defaults for this teacher. The toy departs from the official interval and fake weighting: with
     # them its modes narrow and SW2 creeps up over long runs; the shared interval with a plain eps-MSE fake
     # holds (docs/toy-results.md, "Stability"; 3 seeds each).
-    DEFAULTS = dict(cfg=1.0, lr_fake=3e-4, batch=512, iters=2000, ema=0.995, save_every=1000,
+    DEFAULTS = dict(cfg=1.0, lr_fake=3e-4, lr_ratio=5.0, batch=512, iters=2000, ema=0.995, save_every=1000,
                     interval="shared", snr_clamp=1000.0, device="cpu")
     exact = False
 
@@ -301,55 +159,6 @@ class ExactToyTeacher(ToyTeacher):
         return x0.to(x_t.device)
 
 
-def fit_toy_teacher(gmm, iters=2000, batch=1024, lr=2e-3, p_uncond=0.1, seed=0, width=128, depth=3,
-                    prediction="v_prediction", log=print):
-    """Fit an MLP to the GMM by denoising score matching (eps or v target), t ~ U{0..999}, label dropout for CFG."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        net = toy_mlp(dim=gmm.dim, n_classes=gmm.n_classes, width=width, depth=depth)
-    sch = tdm.Schedule("linear", 1e-4, 0.02)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    lr_at = lambda i: lr * 0.5 * (1 + math.cos(math.pi * i / iters))                 # cosine to zero
-    for i in range(iters):
-        x0, y = gmm.sample(batch, generator=gen)
-        y = torch.where(torch.rand(batch, generator=gen) < p_uncond, gmm.n_classes, y)
-        t = torch.randint(0, 1000, (batch,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        x_t = sch.alpha(t)[:, None] * x0 + sch.sigma(t)[:, None] * eps
-        loss = (net(x_t, t, y) - prediction_target(x0, eps, sch, t, prediction)).pow(2).mean()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log and (i + 1) % 1000 == 0:
-            log(f"  toy teacher fit {i + 1}/{iters}: {prediction}-MSE {loss.item():.4f}")
-    return net.eval().requires_grad_(False)
-
-
-def fitted_toy_network(gmm, iters=None, seed=0, log=print):
-    """The toy teacher's MLP for a target, fitted once and cached under cache_dir() by target and settings.
-
-    Fitting runs max(2000, 250 x modes) iterations: the 8-mode ring needs 2,000 (~30 s), the 25-mode grid
-    6,250 (with 2,000 its 100-step sampler left 31% of the mass between modes; with 6,000, 3.5%).
-    """
-    iters = iters or max(2000, 250 * len(gmm.weights))
-    key = hashlib.sha1(json.dumps([gmm.spec(), iters, seed, "v-pred 128x3"]).encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir(), f"toy_teacher_{gmm.name}_{key}.safetensors")
-    # Built on both paths: its initialisation draws from the global RNG, so a run draws the same noise whether
-    # the fit was cached or not.
-    net = toy_mlp(dim=gmm.dim, n_classes=gmm.n_classes)
-    if os.path.exists(path):
-        net.load_state_dict(read_state_dict(path))
-        return net.eval().requires_grad_(False)
-    if log:
-        log(f"fitting the toy teacher on {gmm.name!r} ({iters} iterations; cached at {path})")
-    net = fit_toy_teacher(gmm, iters=iters, seed=seed, log=log)
-    save_safetensors(net.state_dict(), path)      # creates the cache folder
-    return net
-
-
 #################################################################################
 #                          Prompts                                              #
 #################################################################################
@@ -381,45 +190,57 @@ class LatentTextToImageTeacher:
 
     A subclass sets NAME, REQUIRED (files of the diffusers folder), SCHEDULE (the schedule it hard-codes and
     checks the folder's scheduler config against), PREDICTION, MAX_LENGTH, ENCODER_FOLDERS, and implements
-    `load_network(folder, device, dtype)`, `load_encoder()` -> texts -> list of (n_i, d) CPU tensors, and
-    `call(net, x_t, t, cond, **kw)` -> the network's raw output.
+    `load_network(weights, device, dtype)`, `load_encoder()` -> texts -> one dict of CPU tensors per text,
+    `make_cond(rows)` -> the batched condition, and `call(net, x_t, t, cond, **kw)` -> the network's raw output.
+    A teacher that also reads original single-file checkpoints implements `check_single_file(path)`.
 
-    `cond` is a tuple (prompt_embeds (B, L, d), attention_mask (B, L)), so tdm._take / tdm._cat work on it. The
-    network is loaded at once, in `dtype`; the text encoder only when a prompt is not in the on-disk cache (and
-    freed after encoding unless keep_encoder); the VAE at the first decode.
+    `cond` is a tensor or a tuple of tensors, batch first, so tdm._take / tdm._cat work on it. The network is
+    loaded at once, in `dtype`; the text encoder only when a prompt is not in the on-disk cache (and freed after
+    encoding unless keep_encoder); the VAE at the first decode.
     """
     OUTPUT = "images"
     NAME, REQUIRED, SCHEDULE, PREDICTION, MAX_LENGTH, ENCODER_FOLDERS = "", {}, {}, "epsilon", 77, ()
 
-    def __init__(self, folder, device=None, dtype=None, resolution=None, encoder_dtype=None, vae_dtype=None,
+    def __init__(self, weights, device=None, dtype=None, resolution=None, encoder_dtype=None, vae_dtype=None,
                  check_scheduler=True, keep_encoder=False, encoder_batch=8, autocast="auto", log=print):
-        """device: default cuda when available; dtype of the network (and text encoder / VAE unless given):
-        default bf16 on GPU, fp32 on CPU; autocast: a dtype (bf16) to run every network call under autocast,
-        None, or "auto" = bf16 on GPU (fp32 trainable adapters or copies then run their matmuls in bf16 too)."""
-        folder = os.fspath(folder)
-        self.check_layout(folder)
-        self.check_scheduler_config(folder, strict=check_scheduler)
+        """weights: the diffusers pipeline folder (or, where the teacher reads them, a single checkpoint file);
+        device: default cuda when available; dtype of the network (and text encoder / VAE unless given): default
+        bf16 on GPU, fp32 on CPU (an fp16 VAE whose config asks for force_upcast decodes in fp32, as diffusers);
+        autocast: a dtype (bf16) to run every network call under autocast, None, or "auto" = bf16 on GPU (fp32
+        trainable adapters or copies then run their matmuls in bf16 too)."""
+        weights = os.fspath(weights)
+        if os.path.isfile(weights):
+            vae_cfg = self.check_single_file(weights)
+        else:
+            self.check_layout(weights)
+            self.check_scheduler_config(weights, strict=check_scheduler)
+            vae_cfg = VAEConfig.from_json(os.path.join(weights, "vae", "config.json"))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if autocast == "auto":
             autocast = torch.bfloat16 if device.type == "cuda" else None
-        self.folder, self.device, self.dtype = folder, device, dtype
-        self.encoder_dtype, self.vae_dtype = encoder_dtype or dtype, vae_dtype or dtype
+        self.weights, self.device, self.dtype = weights, device, dtype
+        self.encoder_dtype = encoder_dtype or dtype
+        self.vae_dtype = vae_dtype or (torch.float32 if dtype == torch.float16 and vae_cfg.force_upcast else dtype)
         self.keep_encoder, self.encoder_batch, self.log = keep_encoder, encoder_batch, log or (lambda *a: None)
-        vae_cfg = VAEConfig.from_json(os.path.join(folder, "vae", "config.json"))
-        self.scaling_factor = vae_cfg.scaling_factor
-        self._init_network(self.load_network(folder, device, dtype), 2 ** (len(vae_cfg.block_out_channels) - 1),
+        self.vae_config = vae_cfg
+        self._init_network(self.load_network(weights, device, dtype), 2 ** (len(vae_cfg.block_out_channels) - 1),
                            resolution, autocast)
         self.cache_folder = os.path.join(cache_dir(), f"{self.NAME}_text", self._encoder_identity())
         self._encoder = self._vae = self._uncond = None
-        self._rows = {}                                 # text -> its encoder rows, read once from the disk cache
+        self._rows = {}                                 # text -> its encoder outputs, read once from the disk cache
         self.prompts = None
+
+    @property
+    def scaling_factor(self):
+        return self.vae_config.scaling_factor
 
     @classmethod
     def load(cls, weights=None, target=None, device=None, log=print, **kw):
-        """The teacher of a downloaded diffusers folder (train.py --weights)."""
+        """The teacher of a downloaded diffusers folder or checkpoint file (train.py --weights)."""
         if not weights:
-            raise ValueError(f"--teacher {cls.NAME} needs --weights DIR: the downloaded diffusers folder (see README)")
+            raise ValueError(f"--teacher {cls.NAME} needs --weights PATH: the downloaded diffusers folder ({cls.EXAMPLE}; "
+                             "see README)")
         return cls(weights, device=device, log=log, **kw)
 
     @classmethod
@@ -427,7 +248,7 @@ class LatentTextToImageTeacher:
         """A teacher around an in-memory network, without a folder (no prompt encoding or decoding): benchmarks,
         tests."""
         self = cls.__new__(cls)
-        self.device, self.folder = next(network.parameters()).device, None
+        self.device, self.weights = next(network.parameters()).device, None
         self._init_network(network, vae_factor, resolution, autocast)
         return self
 
@@ -446,9 +267,16 @@ class LatentTextToImageTeacher:
 
     def run_meta(self):
         """What a run records to rebuild this teacher (student.json)."""
-        return dict(target=None, weights=self.folder, network=None)
+        return dict(target=None, weights=self.weights, network=None)
 
-    # ---------------------------------------------------------------- folder checks
+    # ---------------------------------------------------------------- folder and file checks
+
+    @classmethod
+    def check_single_file(cls, path):
+        """Check a single checkpoint file given as weights; return its VAE config. Teachers that read only
+        diffusers folders refuse files."""
+        raise ValueError(f"--teacher {cls.NAME} reads a diffusers pipeline folder ({cls.EXAMPLE}), not the single "
+                         f"file {path!r}; pass the folder")
 
     @classmethod
     def check_layout(cls, folder):
@@ -494,7 +322,7 @@ class LatentTextToImageTeacher:
         return cfg
 
     def _need_folder(self, what):
-        if self.folder is None:
+        if self.weights is None:
             raise ValueError(f"{what} needs the model folder (text encoder, VAE); this teacher was built from a "
                              f"network alone (from_network): load it with load_teacher({self.NAME!r}, DIR)")
 
@@ -520,11 +348,13 @@ class LatentTextToImageTeacher:
     def _encoder_identity(self):
         """Cache folder name: a hash of the text encoder and tokenizer files (path, size, mtime), the max length,
         the encoder dtype and the preprocessing."""
-        parts = []
-        for sub in self.ENCODER_FOLDERS:
-            d = os.path.realpath(os.path.join(self.folder, sub))
-            parts += [(d, name, os.path.getsize(os.path.join(d, name)), os.stat(os.path.join(d, name)).st_mtime_ns)
-                      for name in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, name))]
+        if os.path.isfile(self.weights):                   # a single checkpoint file holds the text encoders
+            files = [os.path.realpath(self.weights)]
+        else:
+            dirs = [os.path.realpath(os.path.join(self.weights, sub)) for sub in self.ENCODER_FOLDERS]
+            files = [os.path.join(d, name) for d in dirs for name in sorted(os.listdir(d))
+                     if os.path.isfile(os.path.join(d, name))]
+        parts = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
         key = json.dumps([parts, self.MAX_LENGTH, str(self.encoder_dtype), "lower-strip"])
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
@@ -538,9 +368,9 @@ class LatentTextToImageTeacher:
 
     @torch.no_grad()
     def _run_encoder(self, texts):
-        """Preprocessed texts -> list of (n_tokens_i, d) CPU tensors: the valid rows of the encoder's output."""
+        """Preprocessed texts -> one dict of CPU tensors per text (e.g. {'embeds': (n_tokens, d)})."""
         if self._encoder is None:
-            self.log(f"loading the text encoder from {self.folder} (prompt embeddings cached in {self.cache_folder})")
+            self.log(f"loading the text encoder from {self.weights} (prompt embeddings cached in {self.cache_folder})")
             self._encoder = self.load_encoder()
         return self._encoder(texts)
 
@@ -548,12 +378,12 @@ class LatentTextToImageTeacher:
         from safetensors import safe_open
         try:
             with safe_open(path, framework="pt") as f:
-                stored, emb = (f.metadata() or {}).get("prompt"), f.get_tensor("embeds")
+                stored, row = (f.metadata() or {}).get("prompt"), {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise ValueError(f"cached prompt embedding {path!r} is unreadable ({e}); delete it to re-encode") from e
         if stored != text:
             raise ValueError(f"cache collision: {path!r} holds {stored!r}, not {text!r}; delete it to re-encode")
-        return emb
+        return row
 
     def prepare(self, prompts):
         """Make sure every prompt and the empty prompt (CFG) are in the disk cache and read into memory, running
@@ -566,8 +396,8 @@ class LatentTextToImageTeacher:
             self.log(f"encoding {len(todo)} new prompt(s) with the text encoder")
             for i in range(0, len(todo), self.encoder_batch):
                 chunk = todo[i:i + self.encoder_batch]
-                for text, emb in zip(chunk, self._run_encoder(chunk)):
-                    save_safetensors({"embeds": emb}, self._cache_path(text), {"prompt": text})
+                for text, row in zip(chunk, self._run_encoder(chunk)):
+                    save_safetensors(row, self._cache_path(text), {"prompt": text})
             if not self.keep_encoder:
                 self.free_encoder()
         for t in texts:
@@ -586,26 +416,18 @@ class LatentTextToImageTeacher:
         return self.encode(texts), self.uncond(n)
 
     def encode(self, prompts):
-        """Prompts (str or list) -> (prompt_embeds (B, L, d) in `dtype`, attention_mask (B, L) long) on `device`,
-        L = MAX_LENGTH. Each preprocessed prompt's encoder output is cached on disk (valid rows only), so the
-        encoder runs once per prompt. Padded rows come back as zeros: the network masks them out."""
+        """Prompts (str or list) -> the batched condition (make_cond) on `device`. Each preprocessed prompt's
+        encoder output is cached on disk, so the encoder runs once per prompt."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode() needs at least one prompt")
-        texts = self.prepare(prompts)
-        rows = [self._rows[t] for t in texts]
-        embeds = torch.zeros(len(rows), self.MAX_LENGTH, rows[0].shape[1], dtype=self.dtype)   # padded rows: zeros
-        mask = torch.zeros(len(rows), self.MAX_LENGTH, dtype=torch.long)
-        for b, row in enumerate(rows):
-            embeds[b, :len(row)], mask[b, :len(row)] = row.to(self.dtype), 1
-        return embeds.to(self.device), mask.to(self.device)
+        return self.make_cond([self._rows[t] for t in self.prepare(prompts)])
 
     def uncond(self, n):
-        """The empty-prompt embedding repeated n times: the diffusers pipelines' negative prompt ""."""
+        """The empty prompt's condition repeated n times: the diffusers pipelines' negative prompt ""."""
         if self._uncond is None:
             self._uncond = self.encode([""])
-        emb, mask = self._uncond
-        return emb.repeat(n, 1, 1), mask.repeat(n, 1)
+        return tdm._take(self._uncond, torch.zeros(n, dtype=torch.long, device=self.device))
 
     # ---------------------------------------------------------------- images
 
@@ -614,7 +436,7 @@ class LatentTextToImageTeacher:
         """Latents x0 (B, 4, h, w) -> images (B, 3, 8h, 8w) float32 in [0, 1]: VAE decode of x0 / scaling_factor."""
         self._need_folder("decoding")
         if self._vae is None:
-            self._vae = load_vae(self.folder, dtype=self.vae_dtype).to(self.device)
+            self._vae = load_vae(self.weights, dtype=self.vae_dtype, config=self.vae_config).to(self.device)
         out = []
         for z in (x0 / self.scaling_factor).split(batch):
             img = self._vae.decode(z.to(device=self.device, dtype=self.vae_dtype)).float()
@@ -626,8 +448,8 @@ class PixArtTeacher(LatentTextToImageTeacher):
     """PixArt-α (eps-prediction with learned variance, T5 captions of 120 tokens) on a diffusers folder."""
     NAME, EXAMPLE = "pixart", "e.g. a download of PixArt-alpha/PixArt-XL-2-512x512"
     # train.py's defaults: the official TDM recipe (docs/method.md §11).
-    DEFAULTS = dict(cfg=4.5, lr_fake=2e-5, batch=32, iters=500, ema=0.0, save_every=500,
-                    interval="separate", snr_clamp=5.0, device="auto")
+    DEFAULTS = dict(cfg=4.5, lr_fake=2e-5, lr_ratio=5.0, batch=32, iters=500, ema=0.0, save_every=500,
+                    interval="separate", snr_clamp=5.0, device="auto", resolution=None)
     # The official TDM code hard-codes this schedule (DDPMScheduler linear 1e-4..0.02, 1000 steps, epsilon);
     # the model folder's scheduler config is only checked against it.
     SCHEDULE = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000,
@@ -640,18 +462,28 @@ class PixArtTeacher(LatentTextToImageTeacher):
                 "tokenizer/spiece.model": "the T5 sentencepiece model",
                 "vae/config.json": "the VAE config"}
 
-    def load_network(self, folder, device, dtype):
-        return load_pixart(folder, device=device, dtype=dtype)
+    def load_network(self, weights, device, dtype):
+        return load_pixart(weights, device=device, dtype=dtype)
 
     def load_encoder(self):
-        tokenizer, encoder = load_t5(self.folder, dtype=self.encoder_dtype, max_length=self.MAX_LENGTH)
+        tokenizer, encoder = load_t5(self.weights, dtype=self.encoder_dtype, max_length=self.MAX_LENGTH)
         encoder = encoder.to(self.device)
 
-        def run(texts):                                                      # -> [(n_tokens_i, d)] on the CPU
+        def run(texts):                                                      # -> [{'embeds': (n_tokens_i, d)}]
             ids, mask = tokenizer(texts)                                     # (B, 120) each
             hidden = encoder(ids.to(self.device), mask.to(self.device))     # (B, 120, d)
-            return [hidden[b, :int(mask[b].sum())].cpu() for b in range(len(texts))]
+            return [{"embeds": hidden[b, :int(mask[b].sum())].cpu()} for b in range(len(texts))]
         return run
+
+    def make_cond(self, rows):
+        """(prompt_embeds (B, 120, d) in `dtype`, attention_mask (B, 120) long): each prompt's valid T5 rows,
+        zero-padded; the DiT masks the padding out."""
+        embeds = torch.zeros(len(rows), self.MAX_LENGTH, rows[0]["embeds"].shape[1], dtype=self.dtype)
+        mask = torch.zeros(len(rows), self.MAX_LENGTH, dtype=torch.long)
+        for b, row in enumerate(rows):
+            n = len(row["embeds"])
+            embeds[b, :n], mask[b, :n] = row["embeds"].to(self.dtype), 1
+        return embeds.to(self.device), mask.to(self.device)
 
     def call(self, net, x_t, t, cond, **kw):
         """The DiT on (x_t, t, T5 rows, mask), with the 1024-MS micro-conditions from the latent shape."""
@@ -665,16 +497,141 @@ class PixArtTeacher(LatentTextToImageTeacher):
         return net(x_t, t, emb, mask, added, **kw)                    # the DiT casts to its own dtype
 
 
+class StableDiffusionTeacher(LatentTextToImageTeacher):
+    """The Stable Diffusion teachers' common part: the UNet (unet.py) on CLIP text (clip.py), eps-prediction on
+    the scaled-linear schedule, from a diffusers folder or the original single-file checkpoint (.safetensors /
+    .ckpt) community models are shared as; 77 CLIP tokens, no attention mask (padding tokens are context too)."""
+    SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                    prediction_type="epsilon")
+    PREDICTION = "epsilon"
+    MAX_LENGTH = 77
+    SDXL = False                       # which release: the UNet's micro-conditions tell them apart
+    VAE_SCALE = 0.18215                # the VAE's scaling factor in a single file (folders: vae/config.json)
+
+    @classmethod
+    def check_single_file(cls, path):
+        from unet import single_file_release  # TEMP-IMPORT
+        release = single_file_release(path)                  # "sd15" or "sdxl"; anything else raises
+        if release != cls.NAME:
+            raise ValueError(f"{path!r} is an {release.upper()} checkpoint, not {cls.NAME.upper()}: use --teacher "
+                             f"{release}")
+        return VAEConfig(**{**vars(sd_vae_config()), "scaling_factor": cls.VAE_SCALE, "force_upcast": cls.SDXL})
+
+    @classmethod
+    def check_layout(cls, folder):
+        """As the base, and first: a folder of the other SD release is named as such."""
+        unet_config = os.path.join(folder, "unet", "config.json")
+        if os.path.isfile(unet_config):
+            sdxl = read_json(unet_config).get("addition_embed_type") == "text_time"
+            if sdxl != cls.SDXL:
+                kind, other = ("an SDXL", "sdxl") if sdxl else ("an SD1.x", "sd15")
+                raise ValueError(f"{folder!r} holds {kind} pipeline (unet/config.json addition_embed_type), not an "
+                                 f"{cls.NAME.upper()} one: use --teacher {other}")
+        super().check_layout(folder)
+
+    def load_network(self, weights, device, dtype):
+        return load_unet(weights, device=device, dtype=dtype)
+
+    def call(self, net, x_t, t, cond, **kw):
+        return net(x_t, t, cond, **kw)                       # the UNet casts to its own dtype, returns fp32 eps
+
+
+class SD15Teacher(StableDiffusionTeacher):
+    """Stable Diffusion 1.x (and its community fine-tunes): the CLIP ViT-L/14 last hidden state as context,
+    CFG against the empty prompt's encoding."""
+    NAME, EXAMPLE = "sd15", "e.g. a download of stable-diffusion-v1-5, or a single .safetensors of an SD1.5 model"
+    # train.py's defaults: the paper's SD-v1.5 recipe (lr 2e-6 / 2e-5, CFG 3.5), except the batch: the paper's
+    # 256 needs a cluster; 32 fits one 80 GB GPU (docs/sd.md).
+    DEFAULTS = dict(cfg=3.5, lr_fake=2e-5, lr_ratio=10.0, batch=32, iters=3000, ema=0.0, save_every=500,
+                    interval="separate", snr_clamp=5.0, device="auto", resolution=512)
+    ENCODER_FOLDERS = ("text_encoder", "tokenizer")
+    REQUIRED = {"unet/config.json": "the UNet config", "text_encoder/config.json": "the CLIP text encoder config",
+                "tokenizer/vocab.json": "the CLIP vocabulary", "tokenizer/merges.txt": "the CLIP BPE merges",
+                "vae/config.json": "the VAE config"}
+
+    def load_encoder(self):
+        tokenizer, encoder = load_clip_text(self.weights, dtype=self.encoder_dtype)
+        encoder = encoder.to(self.device)
+
+        def run(texts):                                                       # -> [{'embeds': (77, 768)}]
+            hidden = encoder(tokenizer(texts).to(self.device))["last_hidden_state"]      # (B, 77, 768)
+            return [{"embeds": h.cpu()} for h in hidden]
+        return run
+
+    def make_cond(self, rows):
+        """(B, 77, 768) text context in `dtype`."""
+        return torch.stack([r["embeds"] for r in rows]).to(self.device, self.dtype)
+
+
+class SDXLTeacher(StableDiffusionTeacher):
+    """SDXL base: the penultimate hidden states of CLIP ViT-L/14 and OpenCLIP bigG/14 concatenated as context
+    (B, 77, 2048), bigG's projected pooled vector (B, 1280), and the micro-conditions (original size, crop (0, 0),
+    target size) = the sampled resolution. CFG against zeros for both, as diffusers does for SDXL base
+    (force_zeros_for_empty_prompt)."""
+    NAME, EXAMPLE = "sdxl", "e.g. a download of stable-diffusion-xl-base-1.0, or a single .safetensors of an SDXL model"
+    # train.py's defaults: the paper's SDXL recipe (lr 1e-6 / 5e-6, CFG 8; stage 1 at 512 px, then resume at
+    # --resolution 1024), except the batch: the paper's 64 needs several GPUs; 8 is the single-GPU default.
+    DEFAULTS = dict(cfg=8.0, lr_fake=5e-6, lr_ratio=5.0, batch=8, iters=1000, ema=0.0, save_every=250,
+                    interval="separate", snr_clamp=5.0, device="auto", resolution=512)
+    SDXL, VAE_SCALE = True, 0.13025
+    ENCODER_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    REQUIRED = {**SD15Teacher.REQUIRED, "text_encoder_2/config.json": "the OpenCLIP bigG text encoder config",
+                "tokenizer_2/vocab.json": "the second CLIP vocabulary", "tokenizer_2/merges.txt": "its BPE merges"}
+
+    def load_network(self, weights, device, dtype):
+        index = os.path.join(weights, "model_index.json")
+        self.zero_uncond = read_json(index).get("force_zeros_for_empty_prompt", True) if os.path.isfile(index) \
+            else True
+        return super().load_network(weights, device, dtype)
+
+    def load_encoder(self):
+        tok1, enc1 = load_clip_text(self.weights, which=1, dtype=self.encoder_dtype)
+        tok2, enc2 = load_clip_text(self.weights, which=2, dtype=self.encoder_dtype)
+        enc1, enc2 = enc1.to(self.device), enc2.to(self.device)
+
+        def run(texts):                                            # -> [{'embeds': (77, 2048), 'pooled': (1280,)}]
+            h1 = enc1(tok1(texts).to(self.device))["penultimate_hidden_state"]           # (B, 77, 768)
+            out2 = enc2(tok2(texts).to(self.device))
+            context = torch.cat([h1, out2["penultimate_hidden_state"]], -1)             # (B, 77, 2048)
+            return [{"embeds": c.cpu(), "pooled": p.cpu()} for c, p in zip(context, out2["text_embeds"])]
+        return run
+
+    def make_cond(self, rows):
+        """(context (B, 77, 2048), pooled (B, 1280)) in `dtype`."""
+        return tuple(torch.stack([r[k] for r in rows]).to(self.device, self.dtype) for k in ("embeds", "pooled"))
+
+    def uncond(self, n):
+        if getattr(self, "zero_uncond", True):
+            if self._uncond is None:                 # zeros of the condition's shapes; no encoder call needed
+                c = self.network.config
+                pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+                self._uncond = (torch.zeros(1, self.MAX_LENGTH, c.cross_attention_dim, dtype=self.dtype),
+                                torch.zeros(1, pooled, dtype=self.dtype))
+                self._uncond = tuple(u.to(self.device) for u in self._uncond)
+            return tdm._take(self._uncond, torch.zeros(n, dtype=torch.long, device=self.device))
+        return super().uncond(n)
+
+    def call(self, net, x_t, t, cond, **kw):
+        """The UNet with SDXL's added conditions: the pooled text and time_ids [h, w, 0, 0, h, w] in pixels."""
+        context, pooled = cond
+        B, _, H, W = x_t.shape
+        h, w = H * self.vae_factor, W * self.vae_factor
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=x_t.device).expand(B, 6)
+        return net(x_t, t, context, {"text_embeds": pooled, "time_ids": time_ids}, **kw)
+
+
 #################################################################################
 #                          The teachers                                         #
 #################################################################################
 
-TEACHERS = {"toy": ToyTeacher, "toy-exact": ExactToyTeacher, "pixart": PixArtTeacher}
+TEACHERS = {"toy": ToyTeacher, "toy-exact": ExactToyTeacher, "pixart": PixArtTeacher, "sd15": SD15Teacher,
+            "sdxl": SDXLTeacher}
 
 
 def load_teacher(name, weights=None, target="ring", device=None, log=print, **kw):
     """A teacher by name: 'toy' (MLP fitted to the target), 'toy-exact' (closed-form GMM denoiser), 'pixart'
-    (a diffusers folder given as `weights`). Keyword arguments go to the teacher's constructor."""
+    (a diffusers folder given as `weights`), 'sd15' / 'sdxl' (a diffusers folder or a single checkpoint file).
+    Keyword arguments go to the teacher's constructor."""
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher {name!r}; available: {', '.join(repr(k) for k in TEACHERS)}")
     return TEACHERS[name].load(weights=weights, target=target, device=device, log=log, **kw)

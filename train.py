@@ -4,6 +4,8 @@
     python train.py --toy-target grid --unify 1,2,4  # one student for 1, 2 and 4 steps
     python train.py --resume runs/toy-ring --iters 4000   # continue a run exactly
     python train.py --teacher pixart --weights PixArt-XL-2-512x512 --lora 64   # the real thing (GPU)
+    python train.py --teacher sd15 --weights v1-5-pruned-emaonly.safetensors --lora 64   # SD1.5, a single file
+    python train.py --teacher sdxl --weights stable-diffusion-xl-base-1.0 --lora 64      # SDXL, 512 px first
     torchrun --standalone --nproc_per_node 2 train.py --teacher pixart --weights ...   # data parallel, 2 GPUs
 
 Writes runs/<name>/: student.safetensors + student.json (the student to sample; the EMA when on),
@@ -43,30 +45,41 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def _per_teacher(key):
+    """'toy 512; pixart 32; ...': a flag's default for each teacher, for --help."""
+    values = {name: cls.DEFAULTS[key] for name, cls in TEACHERS.items() if name != "toy-exact" and key in cls.DEFAULTS}
+    return "; ".join(f"{name} {v if v is not None else 'native'}" for name, v in values.items())
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Distil a diffusion teacher into a K-step student with TDM.",
                                 formatter_class=_HelpFormatter, allow_abbrev=False)
     p.error = lambda msg: p.exit(2, f"{p.prog}: error: {msg} (--help lists the flags)\n")   # one line, no usage
     g = p.add_argument_group("teacher and run")
     g.add_argument("--teacher", default="toy", choices=list(TEACHERS),
-                   help="toy (MLP fitted to the target) | toy-exact (closed-form GMM) | pixart (--weights DIR)")
+                   help="toy (MLP fitted to the target) | toy-exact (closed-form GMM) | pixart (--weights DIR) | "
+                   "sd15, sdxl (--weights DIR or single .safetensors / .ckpt file)")
     g.add_argument("--toy-target", default=None, help="toy teachers: ring (default) | grid | FILE.json (means, "
                    "covs|stds, weights, classes)")
-    g.add_argument("--weights", default=None, help="image teachers: the diffusers model folder (transformer/, ...)")
+    g.add_argument("--weights", default=None, help="image teachers: the diffusers model folder (transformer/ or "
+                   "unet/, ...); sd15 and sdxl also take the model's single checkpoint file")
+    g.add_argument("--resolution", type=int, default=None, help="image teachers: training resolution in pixels "
+                   f"({_per_teacher('resolution')}); may change on --resume (SDXL: 512, then 1024)")
     g.add_argument("--prompts", default=DEFAULT_PROMPTS, help="image teachers: training prompts, one per line")
-    g.add_argument("--name", default=None, help="run folder name under --out (default: toy-<target> or pixart)")
+    g.add_argument("--name", default=None, help="run folder name under --out (default: toy-<target>, or the "
+                   "teacher's name)")
     g.add_argument("--out", default="runs", help="folder holding the run folders")
     g.add_argument("--seed", type=int, default=0, help="random seed of the run (x_T, labels or prompts, tau, noise)")
     g.add_argument("--iters", type=int, default=None,
-                   help="total iterations, also when resuming (toy 2000, pixart 500)")
+                   help=f"total iterations, also when resuming ({_per_teacher('iters')})")
     g.add_argument("--resume", default=None, help="a run folder to continue from its ckpt.safetensors")
-    g.add_argument("--device", default=None, help="cpu | cuda | auto (cuda when available). Default: pixart auto, the "
-                   "toy cpu (cuda pays off at large --batch, e.g. 16384)")
+    g.add_argument("--device", default=None, help="cpu | cuda | auto (cuda when available). Default: image teachers auto, "
+                   "the toy cpu (cuda pays off at large --batch, e.g. 16384)")
     g = p.add_argument_group("TDM (docs/method.md; defaults = official code unless noted)")
     g.add_argument("--steps", type=int, default=4, help="student steps K")
     g.add_argument("--unify", default="", help="TDM-unify: step counts to support, e.g. 1,2,4 (K drawn per batch)")
     g.add_argument("--t-max", type=int, default=899, help="first grid time: 899 official, 999 = paper's uniform grid")
-    g.add_argument("--cfg", type=float, default=None, help="guidance of the teacher score (toy 1; pixart 4.5 official)")
+    g.add_argument("--cfg", type=float, default=None, help=f"guidance of the teacher score ({_per_teacher('cfg')})")
     g.add_argument("--interval", default=None, choices=["separate", "shared"],
                    help="diffusing interval of tau: the step's own [t_m, t_g - margin) (official) or [t_m, t_max + 1 - "
                         "margin) shared by all steps (toy shared; pixart separate)")
@@ -87,9 +100,10 @@ def parse_args(argv=None):
     g.add_argument("--fake-reg", type=float, default=0.0, help="weight of (fake - teacher)^2 in the fake loss "
                    "(authors' follow-up 0.02; official 0)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch", type=int, default=None, help="global batch: toy 512; pixart 32 (paper)")
-    g.add_argument("--lr-fake", type=float, default=None, help="fake-score lr (toy 3e-4; pixart 2e-5 official)")
-    g.add_argument("--lr-ratio", type=float, default=5.0, help="generator lr = lr-fake / this (official 5, paper 10)")
+    g.add_argument("--batch", type=int, default=None, help=f"global batch ({_per_teacher('batch')})")
+    g.add_argument("--lr-fake", type=float, default=None, help=f"fake-score lr ({_per_teacher('lr_fake')})")
+    g.add_argument("--lr-ratio", type=float, default=None, help="generator lr = lr-fake / this "
+                   f"({_per_teacher('lr_ratio')}; official PixArt code 5)")
     g.add_argument("--beta1", type=float, default=0.0, help="Adam beta1 of both optimisers (official and paper 0)")
     g.add_argument("--beta2", type=float, default=0.95, help="official 0.95, paper 0.999")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (official)")
@@ -113,7 +127,7 @@ def parse_args(argv=None):
     g.add_argument("--final-eval-n", type=int, default=50000, help="toy: samples for the final metrics (0 = skip)")
     g.add_argument("--figure-n", type=int, default=20000, help="toy: points per panel of figure.png (0 = no figure)")
     g.add_argument("--preview-every", type=int, default=50, help="image teachers: iterations between previews")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint interval (toy 1000, pixart 500)")
+    g.add_argument("--save-every", type=int, default=None, help=f"checkpoint interval ({_per_teacher('save_every')})")
     args = p.parse_args(argv)
     check_args(p, args)
     for k, v in TEACHERS[args.teacher].DEFAULTS.items():
@@ -144,7 +158,7 @@ def check_args(p, args):
         p.error("--fake-reg must be 0 (off) or more: it weights a squared distance to the teacher")
     if args.fake_updates < 1:
         p.error("--fake-updates must be at least 1 (the fake score must follow the student)")
-    if args.lr_ratio <= 0 or (args.lr_fake is not None and args.lr_fake <= 0):
+    if (args.lr_ratio is not None and args.lr_ratio <= 0) or (args.lr_fake is not None and args.lr_fake <= 0):
         p.error("--lr-fake and --lr-ratio must be positive")
     if args.importance == "exact" and not points:
         p.error("--importance exact is for the toy: at image sizes the true density ratio under- or overflows "
@@ -152,9 +166,12 @@ def check_args(p, args):
     if args.unify and args.lora:
         p.error("--unify needs a full fine-tune: the step-count embedding belongs to the student and the fake, "
                 "not to a shared LoRA base; drop --lora (or --unify)")
-    if points and (args.lora or args.weights or args.precision in ("bf16", "fp16") or args.grad_checkpointing == "on"):
-        p.error("--lora, --weights, --precision bf16|fp16 and --grad-checkpointing on are for image teachers (e.g. "
-                "--teacher pixart); the toy MLP runs in full, in fp32")
+    if points and (args.lora or args.weights or args.resolution or args.precision in ("bf16", "fp16")
+                   or args.grad_checkpointing == "on"):
+        p.error("--lora, --weights, --resolution, --precision bf16|fp16 and --grad-checkpointing on are for image "
+                "teachers (e.g. --teacher pixart); the toy MLP runs in full, in fp32")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        p.error(f"--resolution {args.resolution}: pass a multiple of 8 pixels (the VAE's factor), e.g. 512 or 1024")
     if not points and args.toy_target:
         p.error(f"--toy-target is for the toy teachers, not --teacher {args.teacher}")
     args.toy_target = args.toy_target or ("ring" if points else None)
@@ -164,7 +181,7 @@ def resume_settings(args, argv):
     """The run's own saved settings, except these when given again on this command line; and its checkpoint."""
     state, old = load_checkpoint(args.resume)
     keep = {"iters", "resume", "eval_every", "eval_n", "final_eval_n", "figure_n", "save_every", "preview_every",
-            "device"}
+            "device", "resolution"}
     given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
              if a.startswith("--")}
     saved = dict(old["args"])
@@ -271,7 +288,7 @@ def build_teacher(args, device, log):
     if TEACHERS[args.teacher].OUTPUT == "points":
         return load_teacher(args.teacher, target=args.toy_target, device=device, log=log)
     half = half_precision(args, device)
-    teacher = load_teacher(args.teacher, args.weights, device=device, log=log,
+    teacher = load_teacher(args.teacher, args.weights, device=device, log=log, resolution=args.resolution,
                            dtype=half if half and args.lora else torch.float32,
                            autocast=half if half == torch.float16 or device.type == "cuda" else None)
     teacher.use_prompts(read_prompts(args.prompts))

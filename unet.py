@@ -1,12 +1,14 @@
 """The Stable Diffusion UNet (diffusers UNet2DConditionModel) of SD1.5 and SDXL base, hand-written.
 
-    config (UNetConfig, release factories) -> layers -> blocks -> UNet -> load_unet
+    config (UNetConfig, release factories) -> layers -> blocks -> UNet -> LDM key mapping -> load_unet
 
 Parameter names equal diffusers' `UNet2DConditionModel` state-dict keys, so a diffusers pipeline folder (unet/) or
-the unet/ folder itself loads as it is, including the fp16 variant and sharded weights. One config-driven class
-covers both releases: SD1.5 (conv proj_in/proj_out, one transformer layer per attention, no added conditions) and
-SDXL base (linear projections, deeper transformers, `text_time` micro-conditions). The network maps (x_t, t, text
-embeddings) to ε, float32; teachers.py turns that into x0. Original LDM single files are not read yet.
+the unet/ folder itself loads as it is, including the fp16 variant and sharded weights. Original single files
+(`v1-5-pruned-emaonly.safetensors`, `sd_xl_base_1.0.safetensors`, .ckpt too) hold the UNet as `model.diffusion_model.*`
+in LDM naming: `ldm_unet_modules` derives the renaming from the config's block layout, `single_file_release` tells the
+release from the keys. One config-driven class covers both releases: SD1.5 (conv proj_in/proj_out, one transformer
+layer per attention, no added conditions) and SDXL base (linear projections, deeper transformers, `text_time`
+micro-conditions). The network maps (x_t, t, text embeddings) to ε, float32; teachers.py turns that into x0.
 """
 import contextlib
 import os
@@ -16,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import (Attention, FeedForward, JSONConfig, build_and_load, checkpointed, component_folder,
-                    read_state_dict, timestep_embedding)
+from models import (Attention, FeedForward, JSONConfig, build_and_load, checkpoint_shapes, checkpointed,
+                    component_folder, read_state_dict, timestep_embedding)
 
 
 #################################################################################
@@ -390,30 +392,184 @@ def unet_from_config(config, device=None):
 
 
 #################################################################################
+#                          LDM single-file key mapping                          #
+#################################################################################
+
+LDM_PREFIX = "model.diffusion_model."          # the UNet's keys in an original SD1.5 / SDXL single file
+# LDM ResBlock inner names -> diffusers ResnetBlock2D's (transformer blocks use the same inner names in both)
+_LDM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def ldm_unet_modules(config):
+    """{LDM module path: diffusers module path} of the UNet of `config`, derived from its block layout.
+
+    LDM numbers the layers of the down path input_blocks.1, 2, ... (input_blocks.0 is conv_in): each down block has
+    layers_per_block layers (the resnet at `.0`, its transformer at `.1`) and, all but the last, one more whose
+    `.0.op` is the downsampler. output_blocks.0, 1, ... give each up block layers_per_block + 1 layers (resnet `.0`,
+    transformer `.1`); the upsampler sits in the block's last layer after them: `.1.conv`, or `.2.conv` behind a
+    transformer. middle_block.0 / .1 / .2 are resnet, transformer, resnet; label_emb.0 is SDXL's add_embedding."""
+    c = _as_config(config)
+    n, L = len(c.block_out_channels), c.layers_per_block
+    names = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "middle_block.0": "mid_block.resnets.0",
+             "middle_block.1": "mid_block.attentions.0", "middle_block.2": "mid_block.resnets.1",
+             "out.0": "conv_norm_out", "out.2": "conv_out"}
+    if c.addition_embed_type == "text_time":
+        names.update({"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"})
+    i = 1
+    for b, kind in enumerate(c.down_block_types):
+        for j in range(L):
+            names[f"input_blocks.{i}.0"] = f"down_blocks.{b}.resnets.{j}"
+            if kind == "CrossAttnDownBlock2D":
+                names[f"input_blocks.{i}.1"] = f"down_blocks.{b}.attentions.{j}"
+            i += 1
+        if b < n - 1:
+            names[f"input_blocks.{i}.0.op"] = f"down_blocks.{b}.downsamplers.0.conv"
+            i += 1
+    i = 0
+    for b, kind in enumerate(c.up_block_types):
+        attention = kind == "CrossAttnUpBlock2D"
+        for j in range(L + 1):
+            names[f"output_blocks.{i}.0"] = f"up_blocks.{b}.resnets.{j}"
+            if attention:
+                names[f"output_blocks.{i}.1"] = f"up_blocks.{b}.attentions.{j}"
+            i += 1
+        if b < n - 1:
+            names[f"output_blocks.{i - 1}.{2 if attention else 1}.conv"] = f"up_blocks.{b}.upsamplers.0.conv"
+    return names
+
+
+def _rename(key, modules, inner):
+    """`key` moved from the module that holds it (the longest path in `modules`, old -> new) to the new one; inside a
+    resnet its inner name renamed by `inner`. None when no module holds the key or the resnet has no such name."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        old = ".".join(parts[:cut])
+        new = modules.get(old)
+        if new is None:
+            continue
+        rest = ".".join(parts[cut:])
+        if ".resnets." in f".{old}.{new}":
+            name = next((a for a in inner if rest.startswith(a + ".")), None)
+            if name is None:
+                return None
+            rest = inner[name] + rest[len(name):]
+        return f"{new}.{rest}"
+    return None
+
+
+def unet_state_dict_from_ldm(sd, config):
+    """An LDM UNet state dict (keys with `model.diffusion_model.` stripped) -> diffusers keys for the UNet of
+    `config`. A key no module of that layout holds keeps its name in the file (prefix included), so a load error
+    names it as the file does."""
+    modules = ldm_unet_modules(config)
+    out = {}
+    for k, v in sd.items():
+        new = _rename(k, modules, _LDM_RESNET)
+        out[LDM_PREFIX + k if new is None else new] = v
+    return out
+
+
+def unet_state_dict_to_ldm(sd, config):
+    """The inverse: a diffusers UNet state dict of `config` -> LDM keys (without the prefix), as single files hold."""
+    modules = {v: k for k, v in ldm_unet_modules(config).items()}
+    inner = {v: k for k, v in _LDM_RESNET.items()}
+    out = {}
+    for k, v in sd.items():
+        new = _rename(k, modules, inner)
+        if new is None:
+            raise ValueError(f"{k!r} is not a key of the UNet of this config; expected diffusers UNet2DConditionModel "
+                             "keys of the same block layout")
+        out[new] = v
+    return out
+
+
+# Keys (prefix stripped) -> shapes that identify a release's single file.
+RELEASE_KEYS = {
+    "sd15": {"input_blocks.0.0.weight": (320, 4, 3, 3), "output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
+             "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)},
+    "sdxl": {"input_blocks.0.0.weight": (320, 4, 3, 3), "output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+             "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048), "label_emb.0.0.weight": (1280, 2816)}}
+RELEASE_CONFIGS = {"sd15": sd15_unet_config, "sdxl": sdxl_base_unet_config}
+
+
+def _not_a_unet(shapes):
+    """What a file without UNet keys seems to hold, for the error message."""
+    keys = list(shapes)
+    if any("lora" in k.lower() for k in keys):
+        return "it looks like a LoRA (lora keys): LoRAs are applied to a base model, not loaded as one"
+    if "conv_in.weight" in shapes:
+        return "it holds diffusers UNet keys: pass the folder holding it and its config.json"
+    if keys and all(k.startswith(("first_stage_model.", "encoder.", "decoder.", "quant_conv.", "post_quant_conv.",
+                                  "vae.", "loss.")) for k in keys):
+        return "it looks like a VAE (encoder / decoder keys): load it with vae.load_vae"
+    return f"first keys: {sorted(keys)[:4]}"
+
+
+def single_file_release(path):
+    """"sd15" or "sdxl": the release whose UNet an original single file (.safetensors / .ckpt) holds, from its key
+    names and a few shapes (RELEASE_KEYS; no tensor is read). Anything else raises, naming what the file seems to be
+    (SD2.x, a refiner, an inpainting UNet, a LoRA, a VAE)."""
+    path = os.fspath(path)
+    shapes = checkpoint_shapes(path)
+    unet = {k[len(LDM_PREFIX):]: s for k, s in shapes.items() if k.startswith(LDM_PREFIX)}
+    if not unet:
+        raise ValueError(f"{path!r} holds no UNet (no {LDM_PREFIX}* keys; {_not_a_unet(shapes)}); pass an SD1.5 or "
+                         "SDXL single file (e.g. v1-5-pruned-emaonly.safetensors, sd_xl_base_1.0.safetensors) or a "
+                         "diffusers folder")
+    release = "sdxl" if "label_emb.0.0.weight" in unet else "sd15"
+    want = RELEASE_KEYS[release]
+    if all(unet.get(k) == s for k, s in want.items()):
+        return release
+    conv_in = unet.get("input_blocks.0.0.weight", (0, 4))
+    width = next((s[1] for k, s in sorted(unet.items()) if k.endswith("attn2.to_k.weight")), None)
+    if conv_in[1] != 4:
+        found = f"a UNet with {conv_in[1]} input channels (inpainting or instruct-pix2pix)"
+    elif release == "sd15" and width == 1024:
+        found = "an SD2.x UNet (cross-attention width 1024)"
+    elif release == "sdxl" and unet["label_emb.0.0.weight"][1] == 2560:
+        found = "an SDXL refiner UNet (label_emb input 2560)"
+    else:
+        found = "a UNet where " + ", ".join(f"{k} is {unet.get(k)} (SD1.5 / SDXL: {s})"
+                                           for k, s in want.items() if unet.get(k) != s)
+    raise ValueError(f"{path!r} holds {found}, not an SD1.5 or SDXL base UNet, the releases detected here; pass "
+                     "config= (a UNetConfig or a unet/config.json) to load another UNet of this family")
+
+
+#################################################################################
 #                          Checkpoint loading                                   #
 #################################################################################
 
 def load_unet(path, config=None, device="cpu", dtype=None):
-    """Load the UNet from a diffusers pipeline folder (with unet/) or its unet/ folder: single, sharded or variant
-    (`diffusion_pytorch_model.fp16.safetensors`) weights.
+    """Load the UNet from a diffusers pipeline folder (with unet/), its unet/ folder (single, sharded or variant
+    weights such as `diffusion_pytorch_model.fp16.safetensors`), or an original single file (.safetensors / .ckpt:
+    SD1.5's v1-5-pruned-emaonly, SDXL's sd_xl_base_1.0, or a fine-tune of them), of which only the
+    `model.diffusion_model.*` tensors are read; a non-pruned file's EMA copy (`model_ema.*`) is not used.
 
-    `config` (UNetConfig, dict or config.json path) overrides the folder's config.json. dtype None keeps the
-    checkpoint's own dtype. Original LDM single files (`model.diffusion_model.*`) are not read yet.
+    `config` (UNetConfig, dict or config.json path) overrides the folder's config.json, or the release a single
+    file's keys show (single_file_release). dtype None keeps the checkpoint's own dtype.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"UNet weights not found: {path!r} does not exist; pass the diffusers pipeline "
-                                "folder or its unet/ sub-folder")
+                                "folder, its unet/ sub-folder or an SD1.5 / SDXL single file")
     if not os.path.isdir(path):
-        raise ValueError(f"{path!r} is a single file: original LDM / single-file checkpoints "
-                         "(model.diffusion_model.* keys) are not implemented; pass a diffusers pipeline folder "
-                         "(with unet/) or its unet/ sub-folder")
-    folder = component_folder(path, "unet")
+        release = None if config is not None else single_file_release(path)
+        config = _as_config(config) if release is None else RELEASE_CONFIGS[release]()
+        sd = read_state_dict(path, prefixes=(LDM_PREFIX,))
+        if not sd:
+            single_file_release(path)                                   # raises, naming what the file holds
+        sd = unet_state_dict_from_ldm({k[len(LDM_PREFIX):]: v for k, v in sd.items()}, config)
+        what = (f"UNet in {path!r} with the config given (without config= the release of the file's keys is used)"
+                if release is None else f"UNet in {path!r} (an {release} single file)")
+        return build_and_load(lambda: unet_from_config(config), sd, what, dtype).to(device)
+    folder = component_folder(path, "unet", ", or an SD1.5 / SDXL single file")
     config = os.path.join(folder, "config.json") if config is None else config
     sd = read_state_dict(folder)
-    if any(k.startswith("model.diffusion_model.") for k in sd):
-        raise ValueError(f"{folder!r} holds an original LDM UNet (model.diffusion_model.* keys): that format is not "
-                         "implemented; convert it to a diffusers folder")
+    if any(k.startswith(LDM_PREFIX) for k in sd):
+        raise ValueError(f"{folder!r} holds an original single-file checkpoint ({LDM_PREFIX}* keys) next to a "
+                         "config.json; pass the file itself to load_unet")
     if "conv_in.weight" not in sd:
         raise ValueError(f"unknown checkpoint layout in {folder!r}: no diffusers UNet key conv_in.weight; "
                          f"first keys: {sorted(sd)[:5]}")

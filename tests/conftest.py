@@ -1,7 +1,7 @@
 """Shared pytest set-up: one torch thread, a throw-away cache folder, and the session fixtures built from
 fixtures.py (pytest.ini puts the repository root on sys.path; pytest puts tests/ there for fixtures.py).
 
-teachers.fitted_toy_network caches fitted toy teachers under $TDM_CACHE (default ~/.cache/tdm), and the image
+toy.fitted_toy_network caches fitted toy teachers under $TDM_CACHE (default ~/.cache/tdm), and the image
 teachers their prompt embeddings; the tests point it at a session temporary folder so they never write outside
 pytest's tmp area.
 """
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import teachers
+import toy
 from fixtures import PROMPTS, write_tiny_pixart
 
 
@@ -39,7 +40,7 @@ def fast_toy_teacher(tmp_path_factory):
     """A cheap fitted toy teacher for the CLIs.
 
     The CLIs call load_teacher("toy", target=..., log=...) -> ToyTeacher.load -> fitted_toy_network, which fits
-    for 2,000 iterations (~30 s) on a cache miss. Here `teachers.fit_toy_teacher` (looked up at call time by
+    for 2,000 iterations (~30 s) on a cache miss. Here `toy.fit_toy_teacher` (looked up at call time by
     fitted_toy_network) is wrapped to fit for 100 iterations at batch 256 whatever it is asked, in a cache folder
     of this module's own: the entry is keyed as the 2000-iteration teacher but only this throw-away folder ever
     sees it. The teacher's quality does not matter to smoke / resume / error tests. Subprocesses (torchrun)
@@ -47,11 +48,11 @@ def fast_toy_teacher(tmp_path_factory):
     """
     mp = pytest.MonkeyPatch()
     mp.setenv("TDM_CACHE", str(tmp_path_factory.mktemp("fast_teacher_cache")))
-    original = teachers.fit_toy_teacher
+    original = toy.fit_toy_teacher
 
     def fit_fast(gmm, iters=2000, **kw):
         return original(gmm, **{**kw, "iters": 100, "batch": 256})
-    mp.setattr(teachers, "fit_toy_teacher", fit_fast)
+    mp.setattr(toy, "fit_toy_teacher", fit_fast)
     teachers.load_teacher("toy", target="ring", log=None)          # fit once; later loads hit the cache
     yield
     mp.undo()

@@ -11,16 +11,21 @@ One writer per family, each returning the folder it wrote (as str), deterministi
     write_tiny_vae       a diffusers AutoencoderKL folder
     write_tiny_dit       a diffusers PixArtTransformer2DModel folder (tiny_dit: the module itself)
     write_tiny_pixart    the pipeline: model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/
+    write_clip_tokenizer a CLIP vocab.json + merges.txt folder (BPE merges learnt here), SD's or SDXL's pad rule
+    write_tiny_clip      a transformers CLIPTextModel (WithProjection) folder
+    write_tiny_sd        an SD1.5- or SDXL-style pipeline: unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/
 
 The tokenizer folder is written without transformers: the sentencepiece model comes from the `sentencepiece`
 trainer and the json files are the ones transformers' T5Tokenizer.save_pretrained writes (4.x), so the reference
 tokenizers load it with from_pretrained whatever their version's internals. Models are built with diffusers /
 transformers (test-only parity references) and saved with save_pretrained. A pipeline takes about a second on CPU.
 """
+import collections
 import io
 import json
 import os
 import random
+import re
 
 import torch
 
@@ -229,6 +234,163 @@ def reference_keys(entry):
     """{tensor name: shape} of a real release network from tests/data/architecture_keys.json (see its _about)."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "architecture_keys.json")) as f:
         return {k: tuple(v) for k, v in json.load(f)[entry].items()}
+
+
+#################################################################################
+#                          CLIP tokenizer and text encoders (SD1.5 / SDXL)      #
+#################################################################################
+
+LONG = " ".join(["a photo of a cat sitting on the red chair under the tree"] * 10)    # > 75 tokens: truncated
+CLIP_PROMPTS = ["", "a photo of a cat", "  A Photo of a CAT  sitting,  on the chair!! ", "astronaut riding a horse, "
+           "van gogh! it's 3.14 or 42% (maybe)", "café naïve ＡＢＣ résumé", "unknown ßü€ glyphs 😀 ² ½",
+           "tab\tand\nnewline\u00a0nbsp", "they're we'll I'M can't", "!!hello!? wow!!!", "日本語 text",
+           "<|endoftext|> inside and <|startoftext|>x", "e\u0301 decomposed", "zero\u200bwidth",
+           "HELLO <|ENDOFTEXT|> x", "x²³ ⅻ ① 'S 'LL ''s ſ 'ſ", "a\x00b\ufffdc\x1fd", "   ", "\u2028line\u3000sep", LONG]
+CLIP_CORPUS = " ".join(CLIP_PROMPTS[1:-1] + ["a photo of a cat sitting on the red chair under the tree"] * 3)
+CLIP_SPECIAL = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+CLIP = dict(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=77)
+
+
+
+def learn_merges(text, n=80):
+    """Greedy BPE on the lower-case letter runs of `text` (most frequent pair first, ties by the pair)."""
+    words = collections.Counter(re.findall(r"[a-z]+", text.lower()))
+    seqs = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
+    merges = []
+    for _ in range(n):
+        pairs = collections.Counter()
+        for w, s in seqs.items():
+            for p in zip(s, s[1:]):
+                pairs[p] += words[w]
+        if not pairs:
+            break
+        best = max(sorted(pairs), key=lambda p: pairs[p])
+        merges.append(best)
+        for w, s in seqs.items():
+            out, i = [], 0
+            while i < len(s):
+                if i < len(s) - 1 and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    return merges
+
+
+def write_clip_tokenizer(folder, pad="<|endoftext|>"):
+    """A CLIP tokenizer folder in the layout of SD1.5's tokenizer/ (pad <|endoftext|>) or SDXL's tokenizer_2/
+    (pad "!"): vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
+    os.makedirs(folder, exist_ok=True)
+    from clip import bytes_to_unicode
+    symbols = list(bytes_to_unicode().values())
+    merges = learn_merges(CLIP_CORPUS)
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + \
+        ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = lambda content: dict(CLIP_SPECIAL, content=content)
+    specials = dict(bos_token=tok("<|startoftext|>"), eos_token=tok("<|endoftext|>"), unk_token=tok("<|endoftext|>"),
+                    pad_token=pad)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(specials, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(specials, add_prefix_space=False, do_lower_case=True, errors="replace", model_max_length=77,
+                       tokenizer_class="CLIPTokenizer"), f)
+    return os.fspath(folder)
+
+
+def clip_text_config(vocab_size, act="quick_gelu", eos=2, **change):
+    """A tiny transformers CLIPTextConfig (CLIP: 32 wide, 3 layers), quick_gelu and the legacy eos id 2 by default."""
+    import transformers
+    return transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_act=act, bos_token_id=0, eos_token_id=eos,
+                                       pad_token_id=1, **{**CLIP, **change})
+
+
+def write_tiny_clip(folder, config, with_projection, seed=0):
+    """A random transformers CLIPTextModel (or ...WithProjection) saved into `folder`; returns the module."""
+    import transformers
+    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = randomize(cls(config), seed, std=0.3, around_init=True)
+    model.save_pretrained(os.fspath(folder))
+    return model
+
+
+#################################################################################
+#                          Tiny Stable Diffusion pipelines                      #
+#################################################################################
+
+# Tiny UNets in the two releases' shapes: SD1.5 (conv projections, one transformer layer, CLIP-L last layer as
+# context) and SDXL base (linear projections, deeper transformers, text_time micro-conditions). The context width is
+# the tiny CLIP's (32), or both encoders' (64) for SDXL; the pooled text is the tiny projection (24).
+SD_UNET = {
+    "sd15": dict(block_out_channels=(8, 16, 16), layers_per_block=1, cross_attention_dim=CLIP["hidden_size"],
+                 attention_head_dim=2, norm_num_groups=4, sample_size=8,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "sdxl": dict(block_out_channels=(8, 16, 16), layers_per_block=2, cross_attention_dim=2 * CLIP["hidden_size"],
+                 attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 2, 2), norm_num_groups=4,
+                 sample_size=8, use_linear_projection=True,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=4,
+                 projection_class_embeddings_input_dim=CLIP["projection_dim"] + 6 * 4)}
+# scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5 (PNDM) and stabilityai/stable-diffusion-xl-base-1.0
+# (Euler), as the releases store them (the keys that define the schedule; reproduced, not read from the hub).
+SD_SCHEDULER = {
+    "sd15": {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+             "steps_offset": 1, "trained_betas": None, "clip_sample": False},
+    "sdxl": {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "interpolation_type": "linear", "num_train_timesteps": 1000,
+             "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+             "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}}
+SD_PIPELINE = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def tiny_sd_unet(style, seed=0, **config):
+    """A random tiny diffusers UNet2DConditionModel in the SD1.5 or SDXL style (SD_UNET, overridden by `config`)."""
+    import diffusers
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return randomize(diffusers.UNet2DConditionModel(**{**SD_UNET[style], **config}), seed)
+
+
+def write_tiny_sd(folder, style="sd15", seed=0):
+    """A tiny SD1.5 ("sd15") or SDXL ("sdxl") pipeline in the diffusers layout: model_index.json, unet/, vae/
+    (scaling factor 0.18215 / 0.13025, SDXL with force_upcast), text_encoder/ + tokenizer/ (pad <|endoftext|>),
+    for SDXL also text_encoder_2/ (with projection, gelu) + tokenizer_2/ (pad "!"), scheduler/. Latents 4 x 8 x 8,
+    images 64 x 64. Different seeds give different weights in the same architecture (two "community fine-tunes")."""
+    folder = os.fspath(folder)
+    sub = lambda name: os.path.join(folder, name)
+    write_clip_tokenizer(sub("tokenizer"))
+    with open(os.path.join(sub("tokenizer"), "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    write_tiny_clip(sub("text_encoder"), clip_text_config(len(vocab)), False, seed=seed + 1)
+    index = {"_class_name": SD_PIPELINE[style], "_diffusers_version": "0.39.0",
+             "scheduler": ["diffusers", SD_SCHEDULER[style]["_class_name"]], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"]}
+    if style == "sdxl":
+        write_clip_tokenizer(sub("tokenizer_2"), pad="!")
+        write_tiny_clip(sub("text_encoder_2"), clip_text_config(len(vocab), "gelu", vocab["<|endoftext|>"]), True,
+                        seed=seed + 2)
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    tiny_sd_unet(style, seed + 3).save_pretrained(sub("unet"))
+    write_tiny_vae(sub("vae"), seed=seed + 4, **(dict(scaling_factor=0.13025, force_upcast=True)
+                                                 if style == "sdxl" else {}))
+    _write_json(SD_SCHEDULER[style], os.path.join(folder, "scheduler", "scheduler_config.json"))
+    _write_json(index, os.path.join(folder, "model_index.json"))
+    return folder
 
 
 #################################################################################

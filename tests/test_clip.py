@@ -6,7 +6,6 @@ same with "</w>", the results of a few BPE merges learnt from the test prompts, 
 (pad <|endoftext|>) or SDXL's tokenizer_2/ (pad "!")), and random transformers CLIPTextModel /
 CLIPTextModelWithProjection folders saved with save_pretrained. Real-size checks run on the meta device.
 """
-import collections
 import json
 import os
 import shutil
@@ -15,92 +14,18 @@ import pytest
 import torch
 import transformers
 
-from clip import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, bytes_to_unicode, clip_vit_l14_text_config,
+from clip import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, clip_vit_l14_text_config,
                   load_clip_text, open_clip_bigg14_text_config)
-from fixtures import randomize
+from fixtures import CLIP_PROMPTS as PROMPTS
+from fixtures import LONG, clip_text_config as hf_config, randomize, write_clip_tokenizer, write_tiny_clip
 from models import read_state_dict
 
 transformers.logging.set_verbosity_error()
-LONG = " ".join(["a photo of a cat sitting on the red chair under the tree"] * 10)    # > 75 tokens: truncated
-PROMPTS = ["", "a photo of a cat", "  A Photo of a CAT  sitting,  on the chair!! ", "astronaut riding a horse, "
-           "van gogh! it's 3.14 or 42% (maybe)", "café naïve ＡＢＣ résumé", "unknown ßü€ glyphs 😀 ² ½",
-           "tab\tand\nnewline\u00a0nbsp", "they're we'll I'M can't", "!!hello!? wow!!!", "日本語 text",
-           "<|endoftext|> inside and <|startoftext|>x", "e\u0301 decomposed", "zero\u200bwidth",
-           "HELLO <|ENDOFTEXT|> x", "x²³ ⅻ ① 'S 'LL ''s ſ 'ſ", "a\x00b\ufffdc\x1fd", "   ", "\u2028line\u3000sep", LONG]
-CORPUS = " ".join(PROMPTS[1:-1] + ["a photo of a cat sitting on the red chair under the tree"] * 3)
-SPECIAL = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-TINY = dict(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=77)
 
 
 #################################################################################
 #                          Tiny folders                                         #
 #################################################################################
-
-def learn_merges(text, n=80):
-    """Greedy BPE on the lower-case letter runs of `text` (most frequent pair first, ties by the pair)."""
-    import re
-    words = collections.Counter(re.findall(r"[a-z]+", text.lower()))
-    seqs = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
-    merges = []
-    for _ in range(n):
-        pairs = collections.Counter()
-        for w, s in seqs.items():
-            for p in zip(s, s[1:]):
-                pairs[p] += words[w]
-        if not pairs:
-            break
-        best = max(sorted(pairs), key=lambda p: pairs[p])
-        merges.append(best)
-        for w, s in seqs.items():
-            out, i = [], 0
-            while i < len(s):
-                if i < len(s) - 1 and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            seqs[w] = out
-    return merges
-
-
-def write_clip_tokenizer(folder, pad="<|endoftext|>"):
-    """A CLIP tokenizer folder in the layout of SD1.5's tokenizer/ (pad <|endoftext|>) or SDXL's tokenizer_2/
-    (pad "!"): vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
-    os.makedirs(folder, exist_ok=True)
-    symbols = list(bytes_to_unicode().values())
-    merges = learn_merges(CORPUS)
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + \
-        ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = lambda content: dict(SPECIAL, content=content)
-    specials = dict(bos_token=tok("<|startoftext|>"), eos_token=tok("<|endoftext|>"), unk_token=tok("<|endoftext|>"),
-                    pad_token=pad)
-    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-        json.dump(specials, f)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(specials, add_prefix_space=False, do_lower_case=True, errors="replace", model_max_length=77,
-                       tokenizer_class="CLIPTokenizer"), f)
-    return os.fspath(folder)
-
-
-def hf_config(vocab_size, act="quick_gelu", eos=2, **change):
-    return transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_act=act, bos_token_id=0, eos_token_id=eos,
-                                       pad_token_id=1, **{**TINY, **change})
-
-
-def write_tiny_clip(folder, config, with_projection, seed=0):
-    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = randomize(cls(config), seed, std=0.3, around_init=True)
-    model.save_pretrained(os.fspath(folder))
-    return model
-
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):

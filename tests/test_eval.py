@@ -8,7 +8,7 @@ import torch
 
 import eval as ev
 import sample as S
-import teachers
+import toy
 import train
 
 
@@ -24,7 +24,7 @@ def same_row(a, b):
 def test_mode_metrics_on_known_samples():
     """Ground truth: mode error at the multinomial noise level, width 1; cores shrunk by 1/2: width 1/2;
     everything on one mode: error 1 - its weight, exactly. SE of the width ratio ~ 1.0 / sqrt(n) (Rayleigh median)."""
-    gmm = teachers.ring_target()
+    gmm = toy.ring_target()
     n = 20000
     g = torch.Generator().manual_seed(0)
     x, _ = gmm.sample(n, generator=g)
@@ -64,7 +64,7 @@ def test_mmd_and_loglik_on_known_samples():
     """Unbiased MMD^2 of two samples of one distribution is 0 in expectation (|value| of order 1/n: < 2e-3 over seeds
     at n = 1000); a shift by 0.3 (3 mode widths) makes it ~0.17. The mean log-likelihood of ground-truth points
     estimates minus the entropy."""
-    gmm = teachers.ring_target()
+    gmm = toy.ring_target()
     g = torch.Generator().manual_seed(1)
     n = 1000
     a, b = gmm.sample(n, generator=g)[0], gmm.sample(n, generator=g)[0]

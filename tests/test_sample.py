@@ -11,6 +11,7 @@ import torch
 import sample as S
 import tdm
 import teachers
+import toy
 import train
 from fixtures import assert_png, to_flat_unify_run
 from models import StepCountEmbedding
@@ -94,7 +95,7 @@ def test_dpm_solver_pp_matches_diffusers(n_steps, spacing, final):
 @pytest.mark.parametrize("n_steps", [4, 20])
 def test_dpm_solver_pp_matches_diffusers_on_exact_gmm(n_steps):
     """The exact ring-GMM denoiser (2-D points, 2 classes and the null class), diffusers in 'sample' mode."""
-    gmm, schedule = teachers.ring_target(), tdm.Schedule("linear", 1e-4, 0.02)
+    gmm, schedule = toy.ring_target(), tdm.Schedule("linear", 1e-4, 0.02)
     labels = torch.arange(64) % 3
     denoise = lambda x, t, c: gmm.denoise(x, schedule.alpha(t), schedule.sigma(t), c)
     x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
@@ -128,7 +129,7 @@ def test_dpm_solver_pp_student_grid_and_first_order_is_ddim():
     """timesteps=tdm.time_grid(K) works; with 1 step (first order, final x0) it is the K=1 DDIM student sampler."""
     schedule = tdm.Schedule("linear", 1e-4, 0.02)
     assert S.dpm_timesteps(4, t_max=899, spacing="trailing") == tdm.time_grid(4, 899)
-    gmm = teachers.ring_target()
+    gmm = toy.ring_target()
     denoise = lambda x, t, c: gmm.denoise(x, schedule.alpha(t), schedule.sigma(t), c)
     x_T, labels = torch.randn(16, 2, generator=torch.Generator().manual_seed(6)), torch.zeros(16, dtype=torch.long)
     for K in (1, 2):
@@ -140,7 +141,7 @@ def test_dpm_solver_pp_student_grid_and_first_order_is_ddim():
 def test_teacher_sampler_is_cfg_ddim_or_dpm_from_999():
     """sample.teacher_sample: N-step DDIM on tdm.time_grid(N, 999) (trailing), or DPM-Solver++ on diffusers'
     linspace timesteps, both on the CFG-combined x0 of one batched call per step."""
-    gmm = teachers.ring_target()
+    gmm = toy.ring_target()
     schedule = tdm.Schedule()
     teacher = type("T", (), dict(schedule=schedule, denoise=lambda self, x, t, c: gmm.denoise(
         x, schedule.alpha(t), schedule.sigma(t), c)))()

@@ -14,6 +14,7 @@ import torch
 import eval as ev
 import tdm
 import teachers
+import toy
 from fixtures import alpha_sigma as _at
 from models import ToyMLP, timestep_embedding
 from sample import student_x0
@@ -153,8 +154,8 @@ def test_many_step_ddim_with_exact_teacher_reproduces_target():
     # The ring with one class per mode: with the same labels for samples and ground truth the number of
     # points per mode is fixed, so the SW2 noise floor is the O(n^-1/2) within-mode floor rather than
     # the much larger (and noisier) mixture-weight fluctuation floor.
-    ring = teachers.ring_target()
-    gmm = teachers.GMM(ring.means, ring.covs, ring.weights, torch.arange(8), name="ring8")
+    ring = toy.ring_target()
+    gmm = toy.GMM(ring.means, ring.covs, ring.weights, torch.arange(8), name="ring8")
     teacher = _exact_teacher(gmm)
     n = 2000
     g = torch.Generator().manual_seed(0)
@@ -183,7 +184,7 @@ def test_many_step_ddim_with_exact_teacher_reproduces_target():
 
 def _toy_setup(unify, seed=0):
     torch.manual_seed(seed)
-    gmm = teachers.ring_target()
+    gmm = toy.ring_target()
     net = ToyMLP(dim=2, n_classes=gmm.n_classes, width=32, depth=2).eval().requires_grad_(False)
     teacher = teachers.ToyTeacher(gmm, net)                            # v-prediction network teacher
     student, fake = teachers.copy_network(net, unify), teachers.copy_network(net, unify)
@@ -528,7 +529,7 @@ class _AffineFake(torch.nn.Module):
 @pytest.mark.parametrize("K", [1, 4])
 def test_tdm_drives_student_to_gaussian_target(K):
     mu, Sigma = _rotated_gaussian()
-    gmm = teachers.GMM(mu[None], Sigma[None], [1.0], [0], name="gauss")
+    gmm = toy.GMM(mu[None], Sigma[None], [1.0], [0], name="gauss")
     teacher = _exact_teacher(gmm)                               # E[x0 | x_t] is affine in x_t
     sch = teacher.schedule
 

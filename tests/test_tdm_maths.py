@@ -18,7 +18,7 @@ import torch
 
 import tdm
 from fixtures import alpha_sigma
-from teachers import ring_target
+from toy import ring_target
 
 EPS32 = 2.0 ** -24      # unit roundoff of float32: |fl(x) - x| <= EPS32 |x|
 EPS64 = 2.0 ** -53

@@ -19,6 +19,7 @@ import sample as S
 import t5
 import tdm
 import teachers as P
+import toy
 from fixtures import DIT, alpha_sigma as _at, dit_inputs, randomize
 
 transformers.logging.set_verbosity_error()
@@ -64,13 +65,13 @@ def test_x0_from_prediction_closed_forms(shape):
                        P.x0_from_prediction(eps.float(), x_t, sch, t, "epsilon"))
     # the inverse: what a network of each type regresses on
     for kind in ("epsilon", "v_prediction"):
-        target = P.prediction_target(x0.float(), eps.float(), sch, t, kind)
+        target = toy.prediction_target(x0.float(), eps.float(), sch, t, kind)
         assert torch.allclose(target.double(), eps if kind == "epsilon" else v, atol=1e-6)
         assert ((P.x0_from_prediction(target, x_t, sch, t, kind).double() - x0) * a).abs().max() < 1e-5
     with pytest.raises(ValueError, match="prediction type 'sample'"):
         P.x0_from_prediction(eps.float(), x_t, sch, t, "sample")
     with pytest.raises(ValueError, match="prediction type 'epsilon\\+variance'"):
-        P.prediction_target(x0, eps, sch, t, "epsilon+variance")
+        toy.prediction_target(x0, eps, sch, t, "epsilon+variance")
 
 
 def test_x0_from_prediction_computes_in_float32_and_returns_the_input_dtype():
@@ -113,7 +114,7 @@ def _prior_samples(gmm, label, n, gen):
 
 @pytest.mark.parametrize("target", ["ring", "json"])
 def test_gmm_denoiser_matches_monte_carlo_posterior_mean(target, tmp_path):
-    gmm = P.ring_target() if target == "ring" else P.load_target(_json_gmm(tmp_path, **JSON_GMM))
+    gmm = toy.ring_target() if target == "ring" else toy.load_target(_json_gmm(tmp_path, **JSON_GMM))
     sch = tdm.Schedule()
     gen = torch.Generator().manual_seed(0)
     n = 100_000
@@ -142,10 +143,10 @@ def test_gmm_denoiser_matches_monte_carlo_posterior_mean(target, tmp_path):
 def test_gmm_checks_its_parameters():
     eye = torch.eye(2).expand(2, 2, 2)
     with pytest.raises(ValueError, match=r"need covs \(2,2,2\)"):
-        P.GMM(torch.zeros(2, 2), torch.eye(2).expand(3, 2, 2), [1, 1], [0, 1])
+        toy.GMM(torch.zeros(2, 2), torch.eye(2).expand(3, 2, 2), [1, 1], [0, 1])
     with pytest.raises(ValueError, match=r"classes must be 0..C-1 with every class used; got \[0, 2\]"):
-        P.GMM(torch.zeros(2, 2), eye, [1, 1], [0, 2])
-    gmm = P.GMM(torch.tensor([[0.0, 0.0], [3.0, 0.0]]), eye, [3.0, 1.0], [0, 1], name="two")
+        toy.GMM(torch.zeros(2, 2), eye, [1, 1], [0, 2])
+    gmm = toy.GMM(torch.tensor([[0.0, 0.0], [3.0, 0.0]]), eye, [3.0, 1.0], [0, 1], name="two")
     assert torch.allclose(gmm.weights, torch.tensor([0.75, 0.25], dtype=torch.float64))      # normalised
     assert torch.allclose(gmm.class_prior(), gmm.weights)
     assert gmm.spec() == dict(name="two", means=[[0.0, 0.0], [3.0, 0.0]], covs=eye.tolist(), weights=[0.75, 0.25],
@@ -159,24 +160,24 @@ def test_gmm_checks_its_parameters():
 
 def test_bad_targets_and_teacher_names_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown toy target 'nope'"):
-        P.load_target("nope")
+        toy.load_target("nope")
     with pytest.raises(ValueError, match=r"'means'.*found keys \['covs'\]"):
-        P.load_target(_json_gmm(tmp_path, covs=JSON_GMM["covs"]))
+        toy.load_target(_json_gmm(tmp_path, covs=JSON_GMM["covs"]))
     with pytest.raises(ValueError, match="exactly one of 'covs'"):
-        P.load_target(_json_gmm(tmp_path, means=[[0.0, 0.0]], covs=[[[1.0, 0.0], [0.0, 1.0]]], stds=[1.0]))
+        toy.load_target(_json_gmm(tmp_path, means=[[0.0, 0.0]], covs=[[[1.0, 0.0], [0.0, 1.0]]], stds=[1.0]))
     with pytest.raises(FileNotFoundError, match="not found"):
-        P.load_target(str(tmp_path / "missing.json"))
+        toy.load_target(str(tmp_path / "missing.json"))
     # eigenvalues 3 and -1: not positive definite
     with pytest.raises((ValueError, RuntimeError), match="positive.definite"):   # torch.linalg.LinAlgError
-        P.load_target(_json_gmm(tmp_path, means=[[0.0, 0.0]], covs=[[[1.0, 2.0], [2.0, 1.0]]]))
+        toy.load_target(_json_gmm(tmp_path, means=[[0.0, 0.0]], covs=[[[1.0, 2.0], [2.0, 1.0]]]))
     with pytest.raises(ValueError, match="unknown teacher 'nope'"):
         P.load_teacher("nope")
     with pytest.raises(ValueError, match="the toy teachers take no weights"):
         P.load_teacher("toy", "some/folder")
-    with pytest.raises(ValueError, match="--teacher pixart needs --weights DIR"):
+    with pytest.raises(ValueError, match="--teacher pixart needs --weights PATH"):
         P.load_teacher("pixart")
     # stds: one per mode, or per mode and dimension
-    gmm = P.load_target(_json_gmm(tmp_path, means=[[0.0, 0.0], [1.0, 1.0]], stds=[[0.1, 0.2], [0.3, 0.4]]))
+    gmm = toy.load_target(_json_gmm(tmp_path, means=[[0.0, 0.0], [1.0, 1.0]], stds=[[0.1, 0.2], [0.3, 0.4]]))
     assert torch.allclose(gmm.covs[1], torch.diag(torch.tensor([0.09, 0.16], dtype=torch.float64)))
     assert gmm.name == "gmm" and gmm.n_classes == 1 and torch.allclose(gmm.weights, torch.full((2,), 0.5,
                                                                                            dtype=torch.float64))
@@ -187,51 +188,51 @@ def test_bad_targets_and_teacher_names_raise_clear_errors(tmp_path):
 #################################################################################
 
 def test_teachers_dict_and_what_each_teacher_brings():
-    assert set(P.TEACHERS) == {"toy", "toy-exact", "pixart"}
-    assert [P.TEACHERS[k].OUTPUT for k in ("toy", "toy-exact", "pixart")] == ["points", "points", "images"]
+    assert set(P.TEACHERS) == {"toy", "toy-exact", "pixart", "sd15", "sdxl"}
+    assert [P.TEACHERS[k].OUTPUT for k in P.TEACHERS] == ["points", "points", "images", "images", "images"]
     assert P.TEACHERS["toy-exact"].DEFAULTS == P.TEACHERS["toy"].DEFAULTS
-    assert P.TEACHERS["pixart"].PREDICTION == "epsilon+variance" and P.ToyTeacher(P.ring_target(), models.toy_mlp(
+    assert P.TEACHERS["pixart"].PREDICTION == "epsilon+variance" and P.ToyTeacher(toy.ring_target(), models.toy_mlp(
         width=8, depth=1)).prediction == "v_prediction"
-    assert issubclass(P.PixArtTeacher, P.LatentTextToImageTeacher)
+    assert all(issubclass(P.TEACHERS[k], P.LatentTextToImageTeacher) for k in ("pixart", "sd15", "sdxl"))
 
 
 def test_fitted_toy_network_is_fitted_once_then_read_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TDM_CACHE", str(tmp_path / "cache"))
-    fits, real_fit = [], P.fit_toy_teacher
-    monkeypatch.setattr(P, "fit_toy_teacher", lambda gmm, **kw: fits.append(kw) or real_fit(gmm, **{**kw, "batch": 64}))
-    gmm = P.ring_target()
-    a = P.fitted_toy_network(gmm, iters=20, log=None)
+    fits, real_fit = [], toy.fit_toy_teacher
+    monkeypatch.setattr(toy, "fit_toy_teacher", lambda gmm, **kw: fits.append(kw) or real_fit(gmm, **{**kw, "batch": 64}))
+    gmm = toy.ring_target()
+    a = toy.fitted_toy_network(gmm, iters=20, log=None)
     assert len(fits) == 1 and fits[0]["iters"] == 20 and os.listdir(tmp_path / "cache")
-    b = P.fitted_toy_network(gmm, iters=20, log=None)
+    b = toy.fitted_toy_network(gmm, iters=20, log=None)
     assert len(fits) == 1                                                     # read back, not fitted again
     assert a.state_dict().keys() == b.state_dict().keys() and all(
         torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     assert not b.training and not any(p.requires_grad for p in b.parameters())
-    P.fitted_toy_network(gmm, iters=21, log=None)                             # other settings: another entry
+    toy.fitted_toy_network(gmm, iters=21, log=None)                             # other settings: another entry
     assert len(fits) == 2 and len(os.listdir(tmp_path / "cache")) == 2
 
 
 def test_toy_teacher_interface(monkeypatch, tmp_path):
     monkeypatch.setenv("TDM_CACHE", str(tmp_path / "cache"))
-    real_fit = P.fit_toy_teacher
-    monkeypatch.setattr(P, "fit_toy_teacher", lambda gmm, **kw: real_fit(gmm, **{**kw, "iters": 10, "batch": 64}))
-    toy = P.load_teacher("toy", target="grid", log=None)
-    assert isinstance(toy, P.ToyTeacher) and not toy.exact and toy.run_name == "toy-grid"
-    assert toy.sample_shape == (2,) and toy.n_classes == 2 and toy.device == torch.device("cpu")
-    assert toy.run_meta() == dict(target="grid", weights=None, network=toy.network.config)
+    real_fit = toy.fit_toy_teacher
+    monkeypatch.setattr(toy, "fit_toy_teacher", lambda gmm, **kw: real_fit(gmm, **{**kw, "iters": 10, "batch": 64}))
+    teacher = P.load_teacher("toy", target="grid", log=None)
+    assert isinstance(teacher, P.ToyTeacher) and not teacher.exact and teacher.run_name == "toy-grid"
+    assert teacher.sample_shape == (2,) and teacher.n_classes == 2 and teacher.device == torch.device("cpu")
+    assert teacher.run_meta() == dict(target="grid", weights=None, network=teacher.network.config)
     torch.manual_seed(0)
-    cond, uncond = toy.training_conditions(64)
+    cond, uncond = teacher.training_conditions(64)
     assert cond.dtype == torch.long and set(cond.tolist()) <= {0, 1} and torch.equal(uncond, torch.full((64,), 2))
     x = torch.randn(64, 2)
-    assert torch.equal(toy.decode(x), x)
+    assert torch.equal(teacher.decode(x), x)
     t = torch.randint(0, 1000, (64,))
     # the MLP teacher: its network's v-prediction turned into x0 (§1, (M4))
     with torch.no_grad():
-        v = toy.network(x, t, cond)
-    assert torch.equal(toy.denoise(x, t, cond), P.x0_from_prediction(v, x, toy.schedule, t, "v_prediction"))
-    exact = P.load_teacher("toy-exact", target=P.grid_target(), log=None)
+        v = teacher.network(x, t, cond)
+    assert torch.equal(teacher.denoise(x, t, cond), P.x0_from_prediction(v, x, teacher.schedule, t, "v_prediction"))
+    exact = P.load_teacher("toy-exact", target=toy.grid_target(), log=None)
     assert exact.exact and exact.target == "grid" and torch.equal(exact.network.state_dict()["inp.weight"],
-                                                                     toy.network.state_dict()["inp.weight"])
+                                                                     teacher.network.state_dict()["inp.weight"])
     a, s = exact.schedule.alpha(t), exact.schedule.sigma(t)
     assert torch.equal(exact.denoise(x, t, cond), exact.gmm.denoise(x, a, s, cond))   # the closed form (float64)
 
@@ -241,7 +242,7 @@ def test_copy_network_is_a_trainable_copy_and_wraps_for_unify():
     copy computes exactly the teacher's function."""
     torch.manual_seed(0)
     net = models.toy_mlp(width=16, depth=1).eval().requires_grad_(False)
-    teacher = P.ToyTeacher(P.ring_target(), net)
+    teacher = P.ToyTeacher(toy.ring_target(), net)
     plain = P.copy_network(net)
     assert isinstance(plain, models.ToyMLP) and plain.training and all(p.requires_grad for p in plain.parameters())
     with torch.no_grad():
@@ -348,7 +349,7 @@ def test_lora_is_off_for_the_teacher_and_bf16(teacher):
             assert (lora_teacher.x0(net, x, t, cond) - base).abs().max() > 1e-3   # a student call sees its adapter
     finally:
         models.use_adapter(net, None)
-    bf = load_pixart(teacher.folder, dtype=torch.bfloat16, log=None)
+    bf = load_pixart(teacher.weights, dtype=torch.bfloat16, log=None)
     assert bf.network.proj_out.weight.dtype == torch.bfloat16
     out = bf.denoise(x, t, bf.encode(PROMPTS[:2]))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -411,7 +412,7 @@ def test_encoder_options_and_folder_checks(folders, tmp_path, monkeypatch):
     kept.encode(["one", "two", "three"])
     assert runs == [["one", "two"], ["three", ""]] and kept._encoder is not None
     assert kept.encoder_dtype == torch.bfloat16 and kept.dtype == torch.float32
-    assert kept._rows["one"].dtype == torch.bfloat16                   # cached as the encoder computed it
+    assert kept._rows["one"]["embeds"].dtype == torch.bfloat16         # cached as the encoder computed it
     assert kept.encode(["one"])[0].dtype == torch.float32              # handed out in the teacher's dtype
     kept.free_encoder()
     assert kept._encoder is None
@@ -441,7 +442,7 @@ def test_decode_matches_diffusers_vae(teacher):
     img = teacher.decode(x0, batch=2)
     assert img.shape == (3, 3, 64, 64) and img.dtype == torch.float32
     assert img.min() >= 0 and img.max() <= 1 and img.std() > 0
-    vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(teacher.folder, "vae")).eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(teacher.weights, "vae")).eval()
     with torch.no_grad():
         ref = (vae.decode(x0 / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     assert (img - ref).abs().max() < TOL
@@ -460,7 +461,7 @@ def test_sampling_matches_pixart_alpha_pipeline(teacher):
     x_T = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(7))
     latents = S.teacher_sample(teacher, x_T, teacher.encode(prompts), teacher.uncond(len(prompts)), 4, cfg=4.5,
                                solver="dpm")
-    pipe = diffusers.PixArtAlphaPipeline.from_pretrained(teacher.folder)
+    pipe = diffusers.PixArtAlphaPipeline.from_pretrained(teacher.weights)
     ref = pipe(prompts, negative_prompt="", num_inference_steps=4, guidance_scale=4.5, latents=x_T.clone(),
                output_type="latent", clean_caption=False, use_resolution_binning=False).images
     err = (latents - ref).abs().max().item()

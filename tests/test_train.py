@@ -196,7 +196,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     (["--batch", "0"], "--batch must be at least 1"),
     (["--figure-n", "-1"], "--figure-n and --final-eval-n must be 0 (off) or more"),
     (["--iter", "5"], "unrecognized arguments: --iter"),
-    (["--lora", "4"], "--lora, --weights, --precision"),
+    (["--lora", "4"], "--lora, --weights, --resolution, --precision"),
     (["--grad-checkpointing", "on"], "are for image teachers (e.g. --teacher pixart)"),
     (["--weights", "PixArt-XL-2-512x512"], "are for image teachers (e.g. --teacher pixart)"),
     (["--fake-updates", "0"], "--fake-updates must be at least 1"),
