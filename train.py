@@ -166,8 +166,8 @@ def check_args(p, args):
     if args.unify and args.lora:
         p.error("--unify needs a full fine-tune: the step-count embedding belongs to the student and the fake, "
                 "not to a shared LoRA base; drop --lora (or --unify)")
-    if points and (args.lora or args.weights or args.resolution or args.precision in ("bf16", "fp16")
-                   or args.grad_checkpointing == "on"):
+    if points and (args.lora or args.weights or args.resolution and not args.resume
+                   or args.precision in ("bf16", "fp16") or args.grad_checkpointing == "on"):
         p.error("--lora, --weights, --resolution, --precision bf16|fp16 and --grad-checkpointing on are for image "
                 "teachers (e.g. --teacher pixart); the toy MLP runs in full, in fp32")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
@@ -197,6 +197,8 @@ def resume_settings(args, argv):
                          f"{', '.join('--' + k.replace('_', '-') for k in sorted(given - keep))} (allowed: "
                          f"{', '.join('--' + k.replace('_', '-') for k in sorted(keep - {'resume'}))})")
     args = argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in vars(args).items() if k in keep & given}})
+    if TEACHERS[args.teacher].OUTPUT == "points" and args.resolution:
+        raise ValueError(f"--resolution is for image teachers; {args.resume!r} is a --teacher {args.teacher} run")
     args.unify_steps = sample.parse_step_counts(args.unify, "--unify", args.t_max)
     args.out, args.name = os.path.split(os.path.normpath(args.resume))
     return args, state
