@@ -1,10 +1,13 @@
 """Benchmark: network forwards, seconds per TDM iteration and memory, ours vs the official call pattern.
 
     python benchmark.py                       # small random DiT on CPU (seconds)
+    python benchmark.py --teacher sd15        # small random UNet (SD1.5 layout) on CPU; --teacher sdxl likewise
+    python benchmark.py --teacher sdxl --full-size --resolution 1024 --device cuda --checkpointing --lora 64
     python benchmark.py --full-size --device cuda   # PixArt-XL-2 512 random weights on a GPU, with peak memory
     python benchmark.py --full-size --resolution 1024 --device cuda --checkpointing   # 1024-MS
     python benchmark.py --cpu-rss                   # measured CPU peak memory, full vs LoRA (52.8M-param DiT)
     python benchmark.py --memory-only               # computed weights+grads+AdamW of PixArt-XL-2 (meta device)
+    python benchmark.py --memory-only --teacher sdxl   # the same for the SDXL UNet
     python benchmark.py --precision                 # x0 error of bf16 autocast against fp32 at high t
 
 The official pattern (train_tdm_demo.py, docs/method.md §9) rolls out all K steps, recomputes the
@@ -26,18 +29,61 @@ import torch
 import tdm
 from models import trainable_lora_views
 from pixart import PixArtConfig, dit_from_config, pixart_xl_2_1024_ms_config, pixart_xl_2_512_config
-from teachers import PixArtTeacher, copy_network, x0_from_prediction
 from sample import student_x0
+from teachers import TEACHERS, copy_network, x0_from_prediction
+from unet import UNetConfig, sd15_unet_config, sdxl_base_unet_config, unet_from_config
+
+
+#################################################################################
+#                          Networks benchmarked                                 #
+#################################################################################
+
+# teacher -> (build from a config, small CPU config, full-size config at a resolution). Small: a DiT of 4 layers,
+# hidden 128; UNets of widths 32 / 64 / 64 in each release's block layout.
+_SMALL_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=4, norm_num_groups=8,
+                   sample_size=16)
+NETWORKS = {
+    "pixart": (dit_from_config,
+               PixArtConfig(num_layers=4, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128,
+                            sample_size=16, caption_channels=64),
+               lambda res: pixart_xl_2_1024_ms_config() if res == 1024 else pixart_xl_2_512_config()),
+    "sd15": (unet_from_config,
+             UNetConfig(**_SMALL_UNET, cross_attention_dim=64,
+                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+             lambda res: sd15_unet_config()),
+    "sdxl": (unet_from_config,
+             UNetConfig(**_SMALL_UNET, cross_attention_dim=128, transformer_layers_per_block=(1, 2, 2),
+                        use_linear_projection=True, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                      "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                        addition_embed_type="text_time", addition_time_embed_dim=16,
+                        projection_class_embeddings_input_dim=64 + 6 * 16),
+             lambda res: sdxl_base_unet_config())}
+
+
+def random_conditions(config, batch, device):
+    """(cond, uncond) of random text embeddings in the teacher's layout: PixArt (T5 rows (B, 120, d), mask: 20 and
+    1 valid tokens), SD1.5 (CLIP context (B, 77, d)), SDXL (context, pooled)."""
+    if isinstance(config, PixArtConfig):
+        L = 120
+        return tuple((torch.randn(batch, L, config.caption_channels, device=device),
+                      (torch.arange(L, device=device) < n).long().expand(batch, L).contiguous()) for n in (20, 1))
+    context = lambda: torch.randn(batch, 77, config.cross_attention_dim, device=device)
+    if config.addition_embed_type != "text_time":
+        return context(), context()
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return tuple((context(), torch.randn(batch, pooled, device=device)) for _ in range(2))
 
 
 def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config):
     """The official demo's call pattern, with the same maths as tdm.tdm_step (kept only for this comparison)."""
     c, sch = config, teacher.schedule
-    B = cond[0].shape[0]
+    B, device = tdm._batch_size_and_device(cond)
     grid = tdm.time_grid(c.K, c.t_max)
     t_next = tdm.landing_times(grid)
     stu = lambda x, t, cnd: student(x, t, cnd, None)
-    x_T = torch.randn((B, *teacher.sample_shape), device=cond[0].device)
+    x_T = torch.randn((B, *teacher.sample_shape), device=device)
     xs, _, _ = tdm.rollout(stu, x_T, cond, sch, grid)                        # all K steps, always
     # fake phase: recompute the student's prediction, plus a teacher call whose result is never used
     k = torch.randint(c.K, (B,), device=x_T.device)
@@ -85,11 +131,11 @@ def state_gib(nets):
     return total / 2 ** 30
 
 
-def memory_table(config, lora, dtype):
+def memory_table(config, lora, dtype, build=dit_from_config):
     """Computed weights + grads + AdamW GiB of full fine-tuning (three fp32 copies, as train.py) vs LoRA on one
     shared base in `dtype`."""
     with torch.device("meta"):
-        net = dit_from_config(config).requires_grad_(False)
+        net = build(config).requires_grad_(False)
         copies = [copy_network(net) for _ in range(2)]
         full = state_gib([net, *copies])
         net = net.to(dtype)
@@ -114,12 +160,12 @@ class RowCounter:
         self.calls += 1
 
 
-def setup(config, device, lora, dtype, batch, autocast=None):
-    """Teacher around a random DiT, student/fake (two copies, or two adapters of one base), optimisers, conds."""
+def setup(config, device, lora, dtype, batch, autocast=None, name="pixart", resolution=None):
+    """Teacher around a random network, student/fake (two copies, or two adapters of one base), optimisers, conds."""
     torch.manual_seed(0)
     # As train.py: LoRA adapters on a base in `dtype` (bf16 on GPU); a full fine-tune copies an fp32 teacher.
-    net = dit_from_config(config, device=device).to(dtype if lora else torch.float32)
-    teacher = PixArtTeacher.from_network(net, autocast=autocast)         # bf16 autocast per call, as train.py
+    net = NETWORKS[name][0](config, device=device).to(dtype if lora else torch.float32)
+    teacher = TEACHERS[name].from_network(net, resolution=resolution, autocast=autocast)   # per-call autocast
     if lora:
         student, fake = trainable_lora_views(net, lora)
         nets = [net]
@@ -128,21 +174,18 @@ def setup(config, device, lora, dtype, batch, autocast=None):
         nets = [net, student, fake]
     opt_s = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.0, 0.95))
     opt_f = torch.optim.AdamW(fake.parameters(), lr=1e-6, betas=(0.0, 0.95))
-    L = 120
-    cond = (torch.randn(batch, L, config.caption_channels, device=device),
-            (torch.arange(L, device=device) < 20).long().expand(batch, L).contiguous())
-    uncond = (torch.randn(batch, L, config.caption_channels, device=device),
-              (torch.arange(L, device=device) < 1).long().expand(batch, L).contiguous())
+    cond, uncond = random_conditions(config, batch, device)
     return teacher, student_x0(teacher, student), student_x0(teacher, fake), opt_s, opt_f, cond, uncond, nets
 
 
-def measure(step, args, config, device, lora, dtype):
+def measure(step, args, config, device, lora, dtype, name="pixart", resolution=None):
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    teacher, student, fake, opt_s, opt_f, cond, uncond, nets = setup(config, device, lora, dtype, args.batch, autocast)
+    teacher, student, fake, opt_s, opt_f, cond, uncond, nets = setup(config, device, lora, dtype, args.batch, autocast,
+                                                                     name, resolution)
     if args.checkpointing:
         for n in nets:
             n.gradient_checkpointing = True
-    tdm_config = tdm.TDMConfig(K=4, cfg=4.5)
+    tdm_config = tdm.TDMConfig(K=4, cfg=TEACHERS[name].DEFAULTS["cfg"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         step(student, fake, teacher, cond, uncond, opt_s, opt_f, tdm_config)
@@ -193,7 +236,7 @@ def precision_table(args, times=(224, 449, 674, 889), batch=8):
     torch.manual_seed(0)
     config = pixart_xl_2_512_config() if args.full_size else RSS_CONFIG
     net = dit_from_config(config).to(device).eval()
-    teacher = PixArtTeacher.from_network(net)                      # its call and schedule; autocast set below
+    teacher = TEACHERS["pixart"].from_network(net)                 # its call and schedule; autocast set below
     shape = (batch, *teacher.sample_shape)
     cond = (torch.randn(batch, 16, config.caption_channels, device=device),
             torch.ones(batch, 16, dtype=torch.long, device=device))
@@ -222,11 +265,24 @@ def precision_table(args, times=(224, 449, 674, 889), batch=8):
     return rows
 
 
+def describe(config, resolution=None):
+    """One line naming the benchmarked network and its latent side."""
+    n = sum(p.numel() for p in (dit_from_config if isinstance(config, PixArtConfig) else unet_from_config)(
+        config, device="meta").parameters())
+    side = resolution // 8 if resolution else config.sample_size
+    if isinstance(config, PixArtConfig):
+        return f"DiT: {config.num_layers} layers, hidden {config.hidden_size}, latent {side}^2, {n:,} parameters"
+    return f"UNet: widths {list(config.block_out_channels)}, latent {side}^2, {n:,} parameters"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--full-size", action="store_true", help="PixArt-XL-2 config (random weights; needs a GPU)")
-    p.add_argument("--resolution", type=int, choices=(512, 1024), default=512,
-                   help="--full-size: 512 (PixArt-XL-2-512x512) or 1024 (PixArt-XL-2-1024-MS, 128^2 latents)")
+    p.add_argument("--teacher", default="pixart", choices=list(NETWORKS), help="whose network: the PixArt DiT or "
+                   "the SD1.5 / SDXL UNet")
+    p.add_argument("--full-size", action="store_true", help="the release config (PixArt-XL-2, SD1.5, SDXL base; "
+                   "random weights; needs a GPU)")
+    p.add_argument("--resolution", type=int, choices=(512, 1024), default=None, help="--full-size: pixels; PixArt "
+                   "512 (XL-2-512x512) or 1024 (XL-2-1024-MS); SD1.5 512; SDXL 1024 (default: the release's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=5)
@@ -244,25 +300,27 @@ def main(argv=None):
     p.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)   # internal: one row, print JSON
     p.add_argument("--rss-config", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.resolution != 512 and not args.full_size:
-        p.error("--resolution picks the PixArt-XL-2 config: use it with --full-size")
+    if args.resolution and not args.full_size:
+        p.error("--resolution is for the release configs: use it with --full-size")
+    if (args.cpu_rss or args.precision) and args.teacher != "pixart":
+        p.error("--cpu-rss and --precision measure the DiT: drop --teacher")
+    build, small, full = NETWORKS[args.teacher]
     if args.cpu_rss:
         return cpu_rss_table(args)
     if args.precision:
         return precision_table(args)
     if args.memory_only:
-        m = memory_table(pixart_xl_2_512_config(), args.lora, torch.bfloat16)
-        print(f"PixArt-XL-2 ({m['params']:,} parameters) as train.py holds it; weights, grads and fp32 AdamW "
-              f"states, computed, activations excluded:")
+        m = memory_table(full(args.resolution), args.lora, torch.bfloat16, build)
+        what = {"pixart": "PixArt-XL-2", "sd15": "The SD1.5 UNet", "sdxl": "The SDXL base UNet"}[args.teacher]
+        print(f"{what} ({m['params']:,} parameters) as train.py holds it; weights, grads and fp32 AdamW states, "
+              f"computed, activations excluded (the same at any resolution):")
         print(f"  full fine-tune (fp32 teacher + student + fake) {m['full']:6.1f} GiB")
         print(f"  LoRA rank {args.lora} on one shared base          {m['lora']:6.1f} GiB  "
               f"({m['lora'] / m['full']:.2f}x full)")
         return m
     device = torch.device(args.device)
-    xl = pixart_xl_2_1024_ms_config() if args.resolution == 1024 else pixart_xl_2_512_config()
-    config = xl if args.full_size else RSS_CONFIG if args.rss_config else PixArtConfig(
-        num_layers=4, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128, sample_size=16,
-        caption_channels=64)
+    config = full(args.resolution) if args.full_size else RSS_CONFIG if args.rss_config else small
+    resolution = args.resolution if args.full_size else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = {}
     for i, (name, step, lora) in enumerate(PATTERNS):
@@ -270,7 +328,7 @@ def main(argv=None):
             continue
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux: the bare process
         try:
-            rows[name] = measure(step, args, config, device, lora and args.lora, dtype)
+            rows[name] = measure(step, args, config, device, lora and args.lora, dtype, args.teacher, resolution)
         except torch.cuda.OutOfMemoryError:                              # report it and go on to the next row
             rows[name] = dict(rows=nan, calls=nan, sec=nan, peak=float("inf"), state=nan)
         gc.collect()
@@ -279,8 +337,8 @@ def main(argv=None):
         if args.row is not None:
             print(json.dumps(dict(rows[name], rss0=rss0, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
             return rows
-    print(f"DiT: {config.num_layers} layers, hidden {config.hidden_size}, latent {config.sample_size}^2, "
-          f"batch {args.batch}, K=4, cfg 4.5, device {device}")
+    print(f"{describe(config, resolution)}, batch {args.batch}, K=4, cfg {TEACHERS[args.teacher].DEFAULTS['cfg']:g}, "
+          f"device {device}")
     print(f"{'':24s} {'rows/sample':>11s} {'calls':>6s} {'s/iter':>8s} {'peak GiB':>9s} {'state GiB':>10s}")
     for name, r in rows.items():
         peak = "OOM" if r["peak"] == float("inf") else f"{r['peak']:.2f}"

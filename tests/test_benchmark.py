@@ -29,13 +29,23 @@ def test_memory_table_full_vs_lora():
     assert m["lora"] * 2 ** 30 == n * 2 + a * (4 + 4 + 8)
 
 
-def test_forward_rows_ours_vs_official():
+def test_memory_table_of_the_sdxl_unet_at_real_size():
+    """On the meta device: 2,567,463,684 parameters; full = fp32 teacher + (weights, grad, 2 moments) x 2 copies."""
+    build, _, full = benchmark.NETWORKS["sdxl"]
+    m = benchmark.memory_table(full(1024), lora=64, dtype=torch.bfloat16, build=build)
+    assert m["params"] == 2_567_463_684 and m["full"] * 2 ** 30 == m["params"] * (4 + 2 * 16)
+    assert 4.78 < m["lora"] < 0.2 * m["full"]                          # more than the bf16 base alone
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd15", "sdxl"])
+def test_forward_rows_ours_vs_official(name):
     """Official: 4 (rollout) + 3 (fake phase: student, unused teacher, fake) + 4 (student, teacher cond and
-    uncond, fake) = 11 rows per sample, exactly. Ours: E[k] = 1.5 rollout rows + 5 = 6.5, k ~ U{0..3}."""
+    uncond, fake) = 11 rows per sample, exactly. Ours: E[k] = 1.5 rollout rows + 5 = 6.5, k ~ U{0..3}; for the
+    DiT and both UNet layouts (their own condition layouts)."""
     args = argparse.Namespace(batch=8, iters=4, warmup=0, checkpointing=False)
-    cpu = torch.device("cpu")
-    official = benchmark.measure(benchmark.official_step, args, TINY, cpu, 0, torch.float32)
-    ours = benchmark.measure(benchmark.tdm.tdm_step, args, TINY, cpu, 0, torch.float32)
+    cpu, config = torch.device("cpu"), TINY if name == "pixart" else benchmark.NETWORKS[name][1]
+    official = benchmark.measure(benchmark.official_step, args, config, cpu, 0, torch.float32, name)
+    ours = benchmark.measure(benchmark.tdm.tdm_step, args, config, cpu, 0, torch.float32, name)
     assert official["rows"] == 11.0 and official["calls"] == 11.0
     assert ours["calls"] <= 3 + 4        # rollout (at most K - 1 calls) + student + one batched teacher + 2 fake
     se = (15 / 12) ** 0.5 / (args.batch * args.iters) ** 0.5           # std of U{0..3} / sqrt(draws)
