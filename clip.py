@@ -1,14 +1,18 @@
 """CLIP text encoders (SD1.5's and SDXL's) and the CLIP BPE tokenizer, hand-written.
 
-    config (CLIPTextConfig, release factories) -> layers -> CLIPTextModel -> tokenizer -> load_clip_text
+    config (CLIPTextConfig, release factories) -> layers -> CLIPTextModel -> tokenizer -> open_clip key mapping
+    -> load_clip_text
 
 Parameter names equal transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` state-dict keys; the tokenizer
 equals transformers' (slow) `CLIPTokenizer` called with padding="max_length", max_length=77, truncation=True, in its
-no-ftfy mode (see CLIPTokenizer).
+no-ftfy mode (see CLIPTokenizer). Original SD1.5 / SDXL single files load too: CLIP ViT-L under transformers' names,
+SDXL's bigG under open_clip's (fused q/k/v, x @ P projection), and, as they hold no tokenizer, the tokenizer from the
+CLIP BPE file shipped with this repository.
 
 Which outputs the pipelines take: SD1.5 the `last_hidden_state` of CLIP ViT-L/14; SDXL the penultimate hidden state
 (before the final layer norm) of both encoders, concatenated, and the projected pooled output of OpenCLIP bigG.
 """
+import gzip
 import os
 import re
 import unicodedata
@@ -19,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models import JSONConfig, build_and_load, read_json, read_state_dict
+from models import JSONConfig, build_and_load, checkpoint_shapes, read_json, read_state_dict
 
 
 #################################################################################
@@ -236,6 +240,23 @@ def _is_cjk(cp):
                                          (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
 
 
+# CLIP's BPE merges as openai ships them (`bpe_simple_vocab_16e6.txt.gz`, MIT; this copy from open_clip 3.3.0): the
+# tokenizer of single-file checkpoints, which hold none.
+BPE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_bpe_simple_vocab_16e6.txt.gz")
+
+
+def read_bpe_file(path=BPE_FILE):
+    """(vocab, merges) from CLIP's gzipped merges file (a header line, then one "a b" merge per line), in the order
+    of openai's simple_tokenizer and transformers' vocab.json: the 256 byte symbols, the same with "</w>", the results
+    of the first 48,894 merges, then <|startoftext|> and <|endoftext|>: 49,408 ids."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1:49152 - 256 - 2 + 1]            # skip the header; transformers' slice
+    merges = [tuple(line.split()) for line in lines]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(_SPECIALS)
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
 class CLIPTokenizer:
     """CLIP tokenizer on vocab.json + merges.txt: [BOS] + BPE ids[:max_length - 2] + [EOS], right-padded with the
     folder's pad token (<|endoftext|> for SD's tokenizer/, "!" (id 0) for SDXL's tokenizer_2/). Equal to transformers'
@@ -256,6 +277,14 @@ class CLIPTokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (self.specials[t][0] for t in names.values())
         self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))) + ")")
         self.cache = {s: [s] for s in _SPECIALS}
+
+    @classmethod
+    def from_bpe_file(cls, path=None, pad_token="<|endoftext|>", max_length=77):
+        """The tokenizer from CLIP's merges file (default: this repository's copy, BPE_FILE), for single-file
+        checkpoints. pad_token: "<|endoftext|>" as SD1.5's and SDXL's tokenizer/, "!" (id 0) as SDXL's tokenizer_2/,
+        whose special_tokens_map.json makes "!" a special token (see the class docstring)."""
+        vocab, merges = read_bpe_file(path or BPE_FILE)
+        return cls(vocab, merges, max_length, pad_token=pad_token)
 
     @classmethod
     def from_folder(cls, folder, max_length=None):
@@ -339,6 +368,75 @@ class CLIPTokenizer:
 
 
 #################################################################################
+#                          open_clip key mapping (SDXL single files)            #
+#################################################################################
+
+# Where original single files keep the text encoders: which=1, CLIP ViT-L/14 under transformers' names, in SD1.5 and
+# SDXL files; which=2, OpenCLIP bigG/14 under open_clip's names, in SDXL files.
+SINGLE_FILE_PREFIXES = {1: ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."),
+                        2: ("conditioner.embedders.1.model.",)}
+SINGLE_FILE_PAD = {1: "<|endoftext|>", 2: "!"}         # the pad tokens of SD's tokenizer/ and SDXL's tokenizer_2/
+_IGNORED = ("text_model.embeddings.position_ids", "logit_scale")   # a buffer; CLIP's contrastive temperature
+_OPEN_CLIP_TOP = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                  "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                  "ln_final.weight": "text_model.final_layer_norm.weight",
+                  "ln_final.bias": "text_model.final_layer_norm.bias"}
+_OPEN_CLIP_LAYER = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_proj.": "self_attn.out_proj.",
+                    "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def clip_state_dict_from_open_clip(sd):
+    """An open_clip text tower's state dict (SDXL's conditioner.embedders.1.model.*, prefix stripped) -> transformers
+    CLIPTextModelWithProjection keys. The fused attention input in_proj_weight / in_proj_bias stacks the rows of
+    q, k, v; open_clip applies text_projection P as x @ P, so the Linear weight is Pᵀ. Keys no rule covers keep
+    their name, so a load error names them."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", k)
+        layer = f"text_model.encoder.layers.{m[1]}." if m else ""
+        inner = next((a for a in _OPEN_CLIP_LAYER if m and m[2].startswith(a)), None)
+        if k in _OPEN_CLIP_TOP:
+            out[_OPEN_CLIP_TOP[k]] = v
+        elif k == "text_projection":
+            out["text_projection.weight"] = v.t().contiguous()                  # P (D, P_out) -> weight (P_out, D)
+        elif m and m[2] in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = m[2].rsplit("_", 1)[1]                                     # weight or bias
+            for name, part in zip(_QKV, v.chunk(3)):                          # (3D, D) -> 3 x (D, D); (3D,) -> 3 x (D,)
+                out[f"{layer}self_attn.{name}.{kind}"] = part
+        elif inner:
+            out[layer + _OPEN_CLIP_LAYER[inner] + m[2][len(inner):]] = v
+        else:
+            out[k] = v
+    return out
+
+
+def clip_state_dict_to_open_clip(sd):
+    """The inverse: transformers CLIPTextModelWithProjection keys -> open_clip's (as SDXL single files hold them)."""
+    top = {v: k for k, v in _OPEN_CLIP_TOP.items()}
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)$", k)
+        inner = next((b for b in _OPEN_CLIP_LAYER.values() if m and m[2].startswith(b)), None)
+        if k in top:
+            out[top[k]] = v
+        elif k == "text_projection.weight":
+            out["text_projection"] = v.t().contiguous()                        # weight (P_out, D) -> P (D, P_out)
+        elif m and re.fullmatch(r"self_attn\.q_proj\.(weight|bias)", m[2]):
+            kind = m[2].rsplit(".", 1)[1]
+            parts = [sd[f"text_model.encoder.layers.{m[1]}.self_attn.{n}.{kind}"] for n in _QKV]
+            out[f"transformer.resblocks.{m[1]}.attn.in_proj_{kind}"] = torch.cat(parts)   # 3 x (D, ...) -> (3D, ...)
+        elif m and re.fullmatch(r"self_attn\.[kv]_proj\.(weight|bias)", m[2]):
+            continue                                                            # fused with q above
+        elif inner:
+            old = next(a for a, b in _OPEN_CLIP_LAYER.items() if b == inner)
+            out[f"transformer.resblocks.{m[1]}.{old}{m[2][len(inner):]}"] = v
+        else:
+            raise ValueError(f"{k!r} is not a CLIPTextModelWithProjection key; expected transformers' names")
+    return out
+
+
+#################################################################################
 #                          Loader                                               #
 #################################################################################
 
@@ -346,11 +444,8 @@ def _layout(path, which):
     """(encoder folder, tokenizer folder) of a pipeline folder, its text_encoder*/ folder or a CLIP model folder."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"CLIP folder {path!r} does not exist; pass a diffusers pipeline folder (with "
-                                "text_encoder/ and tokenizer/) or a folder with config.json, weights, vocab.json and "
-                                "merges.txt")
-    if which not in (1, 2):
-        raise ValueError(f"which={which!r}: expected 1 (text_encoder/ + tokenizer/) or 2 (text_encoder_2/ + "
-                         "tokenizer_2/)")
+                                "text_encoder/ and tokenizer/), a folder with config.json, weights, vocab.json and "
+                                "merges.txt, or an SD1.5 / SDXL single file")
     suffix = "" if which == 1 else "_2"
     if os.path.isdir(os.path.join(path, "text_encoder")):
         enc_dir, tok_dir = os.path.join(path, f"text_encoder{suffix}"), os.path.join(path, f"tokenizer{suffix}")
@@ -368,32 +463,72 @@ def _layout(path, which):
     return path, path
 
 
-def load_clip_text(path, with_projection=None, dtype=None, which=1, tokenizer_path=None):
-    """Load (tokenizer, encoder) from a diffusers pipeline folder (which=1: text_encoder/ + tokenizer/; which=2:
-    SDXL's text_encoder_2/ + tokenizer_2/), one of its text_encoder*/ folders (tokenizer*/ beside it), or a
-    transformers CLIP folder (config.json, weights, vocab.json and merges.txt; a full CLIPModel's text tower is
-    taken). with_projection: None = when the weights hold text_projection.weight; False drops it."""
+def _from_folder(path, which, tokenizer_path):
+    """(tokenizer, config, state dict, where) of a pipeline or CLIP folder."""
     enc_dir, tok_dir = _layout(path, which)
-    tok_dir = tokenizer_path or tok_dir
     if not os.path.isfile(os.path.join(enc_dir, "config.json")):
         raise FileNotFoundError(f"no config.json in {enc_dir!r}: the CLIP text config is needed to build the model")
-    tokenizer = CLIPTokenizer.from_folder(tok_dir)                 # raises first if vocab.json / merges.txt is missing
+    tokenizer = CLIPTokenizer.from_folder(tokenizer_path or tok_dir)   # raises first without vocab.json / merges.txt
     raw = read_json(os.path.join(enc_dir, "config.json"))
     full = raw.get("model_type") == "clip" and "text_config" in raw
     config = CLIPTextConfig.from_json(raw["text_config"] if full else raw, os.path.join(enc_dir, "config.json"))
     if full and "projection_dim" in raw:                           # CLIPModel: the projection size is top-level
         config.projection_dim = raw["projection_dim"]
     sd = read_state_dict(enc_dir)
-    drop = ("text_model.embeddings.position_ids",) + (("vision_model.", "visual_projection.", "logit_scale")
-                                                      if full else ())
-    sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
-    if not full and any(k.startswith(("embeddings.", "encoder.layers.")) for k in sd):   # transformers 5 saves
-        sd = {k if k == "text_projection.weight" else "text_model." + k: v for k, v in sd.items()
-              if k != "embeddings.position_ids"}                  # CLIPTextModel without the text_model. prefix
+    if full:                                                       # a full CLIPModel: its text tower
+        sd = {k: v for k, v in sd.items() if not k.startswith(("vision_model.", "visual_projection.", "logit_scale"))}
+    return tokenizer, config, sd, f"CLIP text encoder in {enc_dir!r}"
+
+
+def _from_single_file(path, which, tokenizer_path):
+    """(tokenizer, release config, state dict, where) of an original SD1.5 / SDXL single file: only the tensors under
+    the encoder's prefix are read; the tokenizer comes from the repository's BPE file."""
+    shapes = checkpoint_shapes(path)
+    prefix = next((p for p in SINGLE_FILE_PREFIXES[which] if any(k.startswith(p) for k in shapes)), None)
+    if prefix is None:
+        held = sorted(w for w, ps in SINGLE_FILE_PREFIXES.items() if any(k.startswith(ps) for k in shapes))
+        if not held and any(k.startswith("text_model.") for k in shapes):
+            raise ValueError(f"{path!r} holds a transformers CLIP text model (text_model.* keys), not an SD single "
+                             "file: pass the folder holding it and its config.json")
+        raise ValueError(f"{path!r} has no which={which} text encoder (keys {' or '.join(SINGLE_FILE_PREFIXES[which])}"
+                         f"*); it holds {'which=' + str(held) if held else 'no CLIP text encoder'}: SD1.5 files hold "
+                         "one (which=1), SDXL base files two (which=1 CLIP ViT-L, which=2 OpenCLIP bigG)")
+    sd = {k[len(prefix):]: v for k, v in read_state_dict(path, prefixes=(prefix,)).items()}
+    if which == 2:
+        sd = clip_state_dict_from_open_clip(sd)
+    tokenizer = (CLIPTokenizer.from_folder(tokenizer_path) if tokenizer_path
+                 else CLIPTokenizer.from_bpe_file(pad_token=SINGLE_FILE_PAD[which]))
+    config = clip_vit_l14_text_config() if which == 1 else open_clip_bigg14_text_config()
+    return tokenizer, config, sd, f"CLIP text encoder under {prefix}* in {path!r}"
+
+
+def load_clip_text(path, with_projection=None, dtype=None, which=1, tokenizer_path=None, config=None):
+    """Load (tokenizer, encoder) from a diffusers pipeline folder (which=1: text_encoder/ + tokenizer/; which=2:
+    SDXL's text_encoder_2/ + tokenizer_2/), one of its text_encoder*/ folders (tokenizer*/ beside it), a
+    transformers CLIP folder (config.json, weights, vocab.json and merges.txt; a full CLIPModel's text tower is
+    taken), or an original single file (.safetensors / .ckpt; SINGLE_FILE_PREFIXES: which=1 the CLIP ViT-L/14 of an
+    SD1.5 or SDXL file, which=2 SDXL's OpenCLIP bigG/14; the release config, the tokenizer from this repository's
+    BPE file with that encoder's pad token). tokenizer_path: a tokenizer folder to use instead; config
+    (CLIPTextConfig, dict or config.json path): instead of the folder's or release's. with_projection: None = when
+    the weights hold text_projection.weight; False drops it."""
+    path = os.fspath(path)
+    if which not in (1, 2):
+        raise ValueError(f"which={which!r}: expected 1 (text_encoder/ + tokenizer/, or a single file's CLIP ViT-L) or "
+                         "2 (text_encoder_2/ + tokenizer_2/, or an SDXL single file's OpenCLIP bigG)")
+    single = os.path.isfile(path)
+    tokenizer, own_config, sd, where = (_from_single_file if single else _from_folder)(path, which, tokenizer_path)
+    if config is not None:
+        config = config if isinstance(config, CLIPTextConfig) else CLIPTextConfig.from_json(config)
+        where += " with the config given"
+    elif single:
+        where += f" with the {'ViT-L/14' if which == 1 else 'OpenCLIP bigG/14'} release config (config= for another)"
+    config = config or own_config
+    if any(k.startswith(("embeddings.", "encoder.layers.")) for k in sd):   # transformers 5 saves CLIPTextModel
+        sd = {k if k == "text_projection.weight" else "text_model." + k: v for k, v in sd.items()}   # unprefixed
+    sd = {k: v for k, v in sd.items() if k not in _IGNORED}
     if with_projection is None:
         with_projection = "text_projection.weight" in sd
     elif not with_projection:
         sd.pop("text_projection.weight", None)
-    encoder = build_and_load(lambda: CLIPTextModel(config, with_projection), sd, f"CLIP text encoder in {enc_dir!r}",
-                             dtype)
+    encoder = build_and_load(lambda: CLIPTextModel(config, with_projection), sd, where, dtype)
     return tokenizer, encoder

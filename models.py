@@ -10,8 +10,8 @@ Each family file reads config -> layers -> model -> key mapping of other checkpo
 and imports only this file. This file holds:
 
   - configs: `JSONConfig`, the base of every network config (fields = the config.json keys);
-  - weights: reading single, sharded and legacy checkpoints, one exact key/shape check, atomic saving,
-    building on the meta device;
+  - weights: reading single, sharded and legacy checkpoints (or one component of a single file, by key prefix, or
+    only its key names and shapes), one exact key/shape check, atomic saving, building on the meta device;
   - layers: sinusoidal timestep embedding, one attention module and one feed-forward (diffusers key names);
   - LoRA: adapters on a frozen base, views that make one adapter a network, their state dicts;
   - gradient checkpointing that keeps the active LoRA adapters in the recomputation;

@@ -36,12 +36,13 @@ def read_run_meta(run_dir):
         return json.load(f)
 
 
-def load_run(run_dir, teacher=None, device=None, meta=None, weights=None):
+def load_run(run_dir, teacher=None, device=None, meta=None, weights=None, weights_config=None):
     """(teacher, student network, meta) from a run folder written by train.py (student.safetensors + student.json;
     `meta`: its read_run_meta, when the caller has it already; `teacher`: another teacher name to load instead of
     the run's, e.g. toy-exact; `weights`: another model of the same architecture to load the teacher from, e.g. a
-    community fine-tune that an SD1.5 LoRA student is plugged into (paper Table 2)). Image students sample at
-    the resolution they were trained at.
+    community fine-tune that an SD1.5 LoRA student is plugged into (paper Table 2); `weights_config`: the folder
+    describing that single file, see train.py --weights-config). Image students sample at the resolution they
+    were trained at.
 
     The student is the teacher's network with the student's weights (full fine-tune; under TDM-unify with its
     step-count embedding), or the teacher's network with the student LoRA adapter (a LoRAView: the teacher
@@ -52,7 +53,8 @@ def load_run(run_dir, teacher=None, device=None, meta=None, weights=None):
     state = read_state_dict(path)
     name = teacher or meta["teacher"]
     resolution = meta.get("args", {}).get("resolution")
-    kw = dict(resolution=resolution) if TEACHERS[name].OUTPUT == "images" and resolution else {}
+    kw = {k: v for k, v in dict(resolution=resolution, weights_config=weights_config if weights else meta.get("weights_config"))
+          .items() if v and TEACHERS[name].OUTPUT == "images"}
     t = load_teacher(name, weights or meta.get("weights"), target=meta.get("target"), device=device, log=None, **kw)
     try:
         if meta.get("lora"):   # the adapter as trained: fp32 on the teacher's own base
@@ -375,6 +377,8 @@ def main(argv=None):
     p.add_argument("--weights", help="image teachers: the diffusers model folder or (sd15, sdxl) checkpoint file; "
                    "with --student: another model of the run's architecture to plug its LoRA into (e.g. an SD1.5 "
                    "fine-tune)")
+    p.add_argument("--weights-config", default=None, help="sd15, sdxl with a single-file --weights: the diffusers "
+                   "folder describing it (see train.py --help)")
     p.add_argument("--toy-target", default=None, help="toy teachers: ring (default) | grid | FILE.json")
     p.add_argument("--steps", type=int, default=4, help="sampling steps (teacher N, student K)")
     p.add_argument("--solver", default="ddim", choices=["ddim", "dpm"],
@@ -392,8 +396,10 @@ def main(argv=None):
         p.error(f"--steps {a.steps}: the number of sampling steps must be at least 1")
     if a.n < 1:
         p.error(f"--n {a.n}: draw at least one point")
+    if a.weights_config and not a.weights:
+        p.error("--weights-config describes a single-file --weights: give --weights FILE too")
     if a.student:
-        teacher, net, meta = load_run(a.student, weights=a.weights)
+        teacher, net, meta = load_run(a.student, weights=a.weights, weights_config=a.weights_config)
         unify, t_max = bool(meta.get("unify")), meta["t_max"]
         if a.steps > t_max + 1:
             p.error(f"--steps {a.steps}: the student's grid starts at t = {t_max}, so at most {t_max + 1} steps fit")
@@ -404,7 +410,8 @@ def main(argv=None):
     else:
         if TEACHERS[a.teacher].OUTPUT == "images" and a.toy_target:
             p.error(f"--toy-target is for the toy teachers, not --teacher {a.teacher}")
-        teacher = load_teacher(a.teacher, a.weights, target=a.toy_target or "ring")
+        kw = dict(weights_config=a.weights_config) if a.weights_config else {}
+        teacher = load_teacher(a.teacher, a.weights, target=a.toy_target or "ring", **kw)
     g = torch.Generator().manual_seed(a.seed)
     if teacher.OUTPUT == "points":
         labels = teacher.sample_labels(a.n, g)

@@ -7,6 +7,8 @@ brings to a run (its schedule, conditions, output kind and default hyper-paramet
     LatentTextToImageTeacher   the base of the image teachers: folder and scheduler checks, per-call autocast,
                           prompt embeddings cached on disk, the empty-prompt uncond, lazy VAE decoding
     PixArtTeacher         PixArt-α on a diffusers folder (pixart.py, t5.py, vae.py)
+    SD15Teacher, SDXLTeacher   Stable Diffusion 1.x and SDXL base on a diffusers folder or a single checkpoint
+                          file (unet.py, clip.py, vae.py; docs/sd.md)
     TEACHERS              the dict of teachers: train.py's --teacher choices
 
 Interface used by tdm.py / train.py / sample.py / eval.py: `schedule`, `sample_shape`, `network`, `device`,
@@ -24,13 +26,13 @@ import warnings
 import torch
 
 import tdm
-from models import StepCountEmbedding, cache_dir, read_json, save_safetensors, use_adapter
+from models import StepCountEmbedding, cache_dir, checkpoint_shapes, read_json, save_safetensors, use_adapter
 from clip import load_clip_text
 from pixart import load_pixart
 from t5 import load_t5
 from toy import fitted_toy_network, load_target
-from unet import load_unet
-from vae import VAEConfig, load_vae, sd_vae_config
+from unet import load_unet, single_file_release
+from vae import VAEConfig, load_vae, sd_vae_config, sdxl_vae_config
 
 
 #################################################################################
@@ -202,15 +204,22 @@ class LatentTextToImageTeacher:
     NAME, REQUIRED, SCHEDULE, PREDICTION, MAX_LENGTH, ENCODER_FOLDERS = "", {}, {}, "epsilon", 77, ()
 
     def __init__(self, weights, device=None, dtype=None, resolution=None, encoder_dtype=None, vae_dtype=None,
-                 check_scheduler=True, keep_encoder=False, encoder_batch=8, autocast="auto", log=print):
+                 check_scheduler=True, keep_encoder=False, encoder_batch=8, autocast="auto", weights_config=None,
+                 log=print):
         """weights: the diffusers pipeline folder (or, where the teacher reads them, a single checkpoint file);
+        weights_config: with a single file, a diffusers pipeline folder whose config.json files and tokenizers
+        describe it (default: the release's own configs and the bundled CLIP tokenizer);
         device: default cuda when available; dtype of the network (and text encoder / VAE unless given): default
         bf16 on GPU, fp32 on CPU (an fp16 VAE whose config asks for force_upcast decodes in fp32, as diffusers);
         autocast: a dtype (bf16) to run every network call under autocast, None, or "auto" = bf16 on GPU (fp32
         trainable adapters or copies then run their matmuls in bf16 too)."""
         weights = os.fspath(weights)
+        self.weights_config = weights_config and os.fspath(weights_config)
         if os.path.isfile(weights):
-            vae_cfg = self.check_single_file(weights)
+            vae_cfg = self.check_single_file(weights, self.weights_config)
+        elif weights_config:
+            raise ValueError(f"weights_config describes a single checkpoint file; {weights!r} is not a file (a "
+                             "folder brings its own config.json files)")
         else:
             self.check_layout(weights)
             self.check_scheduler_config(weights, strict=check_scheduler)
@@ -267,14 +276,14 @@ class LatentTextToImageTeacher:
 
     def run_meta(self):
         """What a run records to rebuild this teacher (student.json)."""
-        return dict(target=None, weights=self.weights, network=None)
+        return dict(target=None, weights=self.weights, network=None, weights_config=self.weights_config)
 
     # ---------------------------------------------------------------- folder and file checks
 
     @classmethod
-    def check_single_file(cls, path):
-        """Check a single checkpoint file given as weights; return its VAE config. Teachers that read only
-        diffusers folders refuse files."""
+    def check_single_file(cls, path, config_folder=None):
+        """Check a single checkpoint file given as weights (and the folder describing it); return its VAE config.
+        Teachers that read only diffusers folders refuse files."""
         raise ValueError(f"--teacher {cls.NAME} reads a diffusers pipeline folder ({cls.EXAMPLE}), not the single "
                          f"file {path!r}; pass the folder")
 
@@ -350,6 +359,9 @@ class LatentTextToImageTeacher:
         the encoder dtype and the preprocessing."""
         if os.path.isfile(self.weights):                   # a single checkpoint file holds the text encoders
             files = [os.path.realpath(self.weights)]
+            if self.weights_config:                        # ... and the folder describing it, the tokenizers
+                dirs = [os.path.realpath(os.path.join(self.weights_config, s)) for s in self.ENCODER_FOLDERS]
+                files += [os.path.join(d, n) for d in dirs if os.path.isdir(d) for n in sorted(os.listdir(d))]
         else:
             dirs = [os.path.realpath(os.path.join(self.weights, sub)) for sub in self.ENCODER_FOLDERS]
             files = [os.path.join(d, name) for d in dirs for name in sorted(os.listdir(d))
@@ -506,16 +518,23 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
     PREDICTION = "epsilon"
     MAX_LENGTH = 77
     SDXL = False                       # which release: the UNet's micro-conditions tell them apart
-    VAE_SCALE = 0.18215                # the VAE's scaling factor in a single file (folders: vae/config.json)
 
     @classmethod
-    def check_single_file(cls, path):
-        from unet import single_file_release  # TEMP-IMPORT
-        release = single_file_release(path)                  # "sd15" or "sdxl"; anything else raises
+    def check_single_file(cls, path, config_folder=None):
+        """The file's release (from its keys and shapes: unet.single_file_release; with a config folder, from its
+        text-encoder keys) must be this teacher's; -> the VAE config (the folder's, or the release's)."""
+        if config_folder:
+            cls.check_layout(config_folder)
+            sdxl = any(k.startswith("conditioner.embedders.1.") for k in checkpoint_shapes(path))
+            release = "sdxl" if sdxl else "sd15"
+        else:
+            release = single_file_release(path)              # "sd15" or "sdxl"; anything else raises
         if release != cls.NAME:
             raise ValueError(f"{path!r} is an {release.upper()} checkpoint, not {cls.NAME.upper()}: use --teacher "
                              f"{release}")
-        return VAEConfig(**{**vars(sd_vae_config()), "scaling_factor": cls.VAE_SCALE, "force_upcast": cls.SDXL})
+        if config_folder:
+            return VAEConfig.from_json(os.path.join(config_folder, "vae", "config.json"))
+        return sdxl_vae_config() if cls.SDXL else sd_vae_config()
 
     @classmethod
     def check_layout(cls, folder):
@@ -530,7 +549,18 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         super().check_layout(folder)
 
     def load_network(self, weights, device, dtype):
-        return load_unet(weights, device=device, dtype=dtype)
+        config = self.weights_config and os.path.join(self.weights_config, "unet", "config.json")
+        return load_unet(weights, config=config, device=device, dtype=dtype)
+
+    def load_clip(self, which):
+        """(tokenizer, encoder) `which` (1: CLIP-L, 2: bigG) from the folder, or the single file (with its
+        describing folder's config and tokenizer when given)."""
+        kw = {}
+        if self.weights_config:
+            sub = "" if which == 1 else "_2"
+            kw = dict(config=os.path.join(self.weights_config, f"text_encoder{sub}", "config.json"),
+                      tokenizer_path=os.path.join(self.weights_config, f"tokenizer{sub}"))
+        return load_clip_text(self.weights, which=which, dtype=self.encoder_dtype, **kw)
 
     def call(self, net, x_t, t, cond, **kw):
         return net(x_t, t, cond, **kw)                       # the UNet casts to its own dtype, returns fp32 eps
@@ -550,7 +580,7 @@ class SD15Teacher(StableDiffusionTeacher):
                 "vae/config.json": "the VAE config"}
 
     def load_encoder(self):
-        tokenizer, encoder = load_clip_text(self.weights, dtype=self.encoder_dtype)
+        tokenizer, encoder = self.load_clip(1)
         encoder = encoder.to(self.device)
 
         def run(texts):                                                       # -> [{'embeds': (77, 768)}]
@@ -573,20 +603,19 @@ class SDXLTeacher(StableDiffusionTeacher):
     # --resolution 1024), except the batch: the paper's 64 needs several GPUs; 8 is the single-GPU default.
     DEFAULTS = dict(cfg=8.0, lr_fake=5e-6, lr_ratio=5.0, batch=8, iters=1000, ema=0.0, save_every=250,
                     interval="separate", snr_clamp=5.0, device="auto", resolution=512)
-    SDXL, VAE_SCALE = True, 0.13025
+    SDXL = True
     ENCODER_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     REQUIRED = {**SD15Teacher.REQUIRED, "text_encoder_2/config.json": "the OpenCLIP bigG text encoder config",
                 "tokenizer_2/vocab.json": "the second CLIP vocabulary", "tokenizer_2/merges.txt": "its BPE merges"}
 
     def load_network(self, weights, device, dtype):
-        index = os.path.join(weights, "model_index.json")
+        index = os.path.join(self.weights_config or weights, "model_index.json")
         self.zero_uncond = read_json(index).get("force_zeros_for_empty_prompt", True) if os.path.isfile(index) \
             else True
         return super().load_network(weights, device, dtype)
 
     def load_encoder(self):
-        tok1, enc1 = load_clip_text(self.weights, which=1, dtype=self.encoder_dtype)
-        tok2, enc2 = load_clip_text(self.weights, which=2, dtype=self.encoder_dtype)
+        (tok1, enc1), (tok2, enc2) = self.load_clip(1), self.load_clip(2)
         enc1, enc2 = enc1.to(self.device), enc2.to(self.device)
 
         def run(texts):                                            # -> [{'embeds': (77, 2048), 'pooled': (1280,)}]

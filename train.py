@@ -63,6 +63,9 @@ def parse_args(argv=None):
                    "covs|stds, weights, classes)")
     g.add_argument("--weights", default=None, help="image teachers: the diffusers model folder (transformer/ or "
                    "unet/, ...); sd15 and sdxl also take the model's single checkpoint file")
+    g.add_argument("--weights-config", default=None, help="sd15, sdxl with a single-file --weights: a diffusers "
+                   "folder whose config.json files and tokenizers describe it (default: the release's configs, "
+                   "detected from the file, and the bundled CLIP tokenizer)")
     g.add_argument("--resolution", type=int, default=None, help="image teachers: training resolution in pixels "
                    f"({_per_teacher('resolution')}); may change on --resume (SDXL: 512, then 1024)")
     g.add_argument("--prompts", default=DEFAULT_PROMPTS, help="image teachers: training prompts, one per line")
@@ -166,7 +169,7 @@ def check_args(p, args):
     if args.unify and args.lora:
         p.error("--unify needs a full fine-tune: the step-count embedding belongs to the student and the fake, "
                 "not to a shared LoRA base; drop --lora (or --unify)")
-    if points and (args.lora or args.weights or args.resolution and not args.resume
+    if points and (args.lora or args.weights or args.weights_config or args.resolution and not args.resume
                    or args.precision in ("bf16", "fp16") or args.grad_checkpointing == "on"):
         p.error("--lora, --weights, --resolution, --precision bf16|fp16 and --grad-checkpointing on are for image "
                 "teachers (e.g. --teacher pixart); the toy MLP runs in full, in fp32")
@@ -290,7 +293,8 @@ def build_teacher(args, device, log):
     if TEACHERS[args.teacher].OUTPUT == "points":
         return load_teacher(args.teacher, target=args.toy_target, device=device, log=log)
     half = half_precision(args, device)
-    teacher = load_teacher(args.teacher, args.weights, device=device, log=log, resolution=args.resolution,
+    kw = dict(weights_config=args.weights_config) if args.weights_config else {}
+    teacher = load_teacher(args.teacher, args.weights, device=device, log=log, resolution=args.resolution, **kw,
                            dtype=half if half and args.lora else torch.float32,
                            autocast=half if half == torch.float16 or device.type == "cuda" else None)
     teacher.use_prompts(read_prompts(args.prompts))

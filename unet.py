@@ -490,7 +490,8 @@ RELEASE_KEYS = {
     "sd15": {"input_blocks.0.0.weight": (320, 4, 3, 3), "output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
              "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)},
     "sdxl": {"input_blocks.0.0.weight": (320, 4, 3, 3), "output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
-             "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048), "label_emb.0.0.weight": (1280, 2816)}}
+             "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+             "label_emb.0.0.weight": (1280, 2816)}}
 RELEASE_CONFIGS = {"sd15": sd15_unet_config, "sdxl": sdxl_base_unet_config}
 
 
@@ -531,8 +532,8 @@ def single_file_release(path):
     elif release == "sdxl" and unet["label_emb.0.0.weight"][1] == 2560:
         found = "an SDXL refiner UNet (label_emb input 2560)"
     else:
-        found = "a UNet where " + ", ".join(f"{k} is {unet.get(k)} (SD1.5 / SDXL: {s})"
-                                           for k, s in want.items() if unet.get(k) != s)
+        found = "a UNet where " + ", ".join(f"{k} is {unet.get(k)}, not {s}" for k, s in want.items()
+                                           if unet.get(k) != s)
     raise ValueError(f"{path!r} holds {found}, not an SD1.5 or SDXL base UNet, the releases detected here; pass "
                      "config= (a UNetConfig or a unet/config.json) to load another UNet of this family")
 

@@ -3,7 +3,7 @@
     config (VAEConfig, release factory) -> layers -> VAE -> LDM key mapping -> load_vae
 
 Parameter names equal diffusers' `AutoencoderKL` state-dict keys; LDM single files (`first_stage_model.*` in a
-full SD checkpoint, or a VAE-only file) are renamed on load.
+full SD1.5 / SDXL checkpoint, of which only those tensors are read, or a VAE-only file) are renamed on load.
 """
 import os
 import re
@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models import Attention, JSONConfig, build_and_load, component_folder, read_state_dict
+from models import (Attention, JSONConfig, build_and_load, checkpoint_shapes, component_folder,
+                    read_state_dict)
 
 
 #################################################################################
@@ -55,6 +56,10 @@ class VAEConfig(JSONConfig):
 
 def sd_vae_config():    # SD1.x / sd-vae-ft-ema / sd-vae-ft-mse (kl-f8), also PixArt-α's
     return VAEConfig()
+
+
+def sdxl_vae_config():  # stabilityai/stable-diffusion-xl-base-1.0 vae/: the same network, another latent scale
+    return VAEConfig(sample_size=1024, scaling_factor=0.13025)
 
 
 #################################################################################
@@ -247,15 +252,35 @@ def vae_state_dict_from_any(sd, num_blocks=4):
     return out
 
 
+# Where single files keep the VAE: full SD checkpoints under first_stage_model.; some VAE-only files under vae.;
+# the others (e.g. vae-ft-mse-840000-ema-pruned) bare.
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
 def load_vae(path, dtype=None, config=None):
-    """Load the VAE from a diffusers pipeline folder (vae/), the vae/ folder itself, or an LDM single file
-    (VAE-only or a full SD checkpoint with `first_stage_model.` keys; `config` defaults to sd_vae_config())."""
+    """Load the VAE from a diffusers pipeline folder (vae/), the vae/ folder itself, or a single file: a full SD1.5 /
+    SDXL checkpoint (only its `first_stage_model.*` tensors are read) or a VAE-only file, LDM or diffusers names.
+    `config` defaults to the folder's config.json, else sdxl_vae_config() for an SDXL checkpoint (conditioner.* keys)
+    and sd_vae_config() otherwise: the same network, only the scaling factor differs (0.13025 / 0.18215); pass
+    config=sdxl_vae_config() for an SDXL VAE-only file."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"VAE path {path!r} does not exist; pass the diffusers pipeline folder, its vae/ "
                                 "sub-folder, or a VAE checkpoint file")
     if os.path.isdir(path):
         path = component_folder(path, "vae", ", or a VAE checkpoint file")
         config = config or VAEConfig.from_json(os.path.join(path, "config.json"))
+        sd = read_state_dict(path)
+    else:
+        shapes = checkpoint_shapes(path)
+        prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in shapes)), "")
+        if not any(k.startswith((prefix + "encoder.", prefix + "decoder.")) for k in shapes):
+            raise ValueError(f"{path!r} holds no VAE: no first_stage_model.*, vae.* or encoder.* / decoder.* keys "
+                             f"(first keys: {sorted(shapes)[:4]}); pass an SD1.5 / SDXL checkpoint or a VAE file")
+        sd = read_state_dict(path, prefixes=(prefix,) if prefix else None)
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+        if config is None and any(k.startswith("conditioner.") for k in shapes):
+            config = sdxl_vae_config()
     config = config or sd_vae_config()
-    sd = vae_state_dict_from_any(read_state_dict(path), len(config.block_out_channels))
+    sd = vae_state_dict_from_any(sd, len(config.block_out_channels))
     return build_and_load(lambda: VAE(config), sd, f"VAE in {path!r}", dtype)

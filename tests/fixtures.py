@@ -14,6 +14,9 @@ One writer per family, each returning the folder it wrote (as str), deterministi
     write_clip_tokenizer a CLIP vocab.json + merges.txt folder (BPE merges learnt here), SD's or SDXL's pad rule
     write_tiny_clip      a transformers CLIPTextModel (WithProjection) folder
     write_tiny_sd        an SD1.5- or SDXL-style pipeline: unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/
+    write_sd_single_file that pipeline as an original single file (.safetensors / .ckpt; LDM and open_clip key names)
+    write_bpe_tokenizer  a CLIP tokenizer folder with the real 49,408-id vocabulary, from the repository's BPE file
+    write_real_size_skeleton  every key of a real SD1.5 / SDXL single file at its real shape, values one shared zero
 
 The tokenizer folder is written without transformers: the sentencepiece model comes from the `sentencepiece`
 trainer and the json files are the ones transformers' T5Tokenizer.save_pretrained writes (4.x), so the reference
@@ -362,14 +365,17 @@ def tiny_sd_unet(style, seed=0, **config):
         return randomize(diffusers.UNet2DConditionModel(**{**SD_UNET[style], **config}), seed)
 
 
-def write_tiny_sd(folder, style="sd15", seed=0):
+def write_tiny_sd(folder, style="sd15", seed=0, real_vocab=False):
     """A tiny SD1.5 ("sd15") or SDXL ("sdxl") pipeline in the diffusers layout: model_index.json, unet/, vae/
     (scaling factor 0.18215 / 0.13025, SDXL with force_upcast), text_encoder/ + tokenizer/ (pad <|endoftext|>),
     for SDXL also text_encoder_2/ (with projection, gelu) + tokenizer_2/ (pad "!"), scheduler/. Latents 4 x 8 x 8,
-    images 64 x 64. Different seeds give different weights in the same architecture (two "community fine-tunes")."""
+    images 64 x 64. Different seeds give different weights in the same architecture (two "community fine-tunes").
+    real_vocab: the tokenizers are CLIP's real 49,408-id vocabulary (write_bpe_tokenizer) and the text encoders have
+    as many embedding rows, so the tokenizer of a single file (clip.py's BPE file) fits them."""
     folder = os.fspath(folder)
     sub = lambda name: os.path.join(folder, name)
-    write_clip_tokenizer(sub("tokenizer"))
+    write_tokenizer = write_bpe_tokenizer if real_vocab else write_clip_tokenizer
+    write_tokenizer(sub("tokenizer"))
     with open(os.path.join(sub("tokenizer"), "vocab.json"), encoding="utf-8") as f:
         vocab = json.load(f)
     write_tiny_clip(sub("text_encoder"), clip_text_config(len(vocab)), False, seed=seed + 1)
@@ -378,7 +384,7 @@ def write_tiny_sd(folder, style="sd15", seed=0):
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"]}
     if style == "sdxl":
-        write_clip_tokenizer(sub("tokenizer_2"), pad="!")
+        write_tokenizer(sub("tokenizer_2"), pad="!")
         write_tiny_clip(sub("text_encoder_2"), clip_text_config(len(vocab), "gelu", vocab["<|endoftext|>"]), True,
                         seed=seed + 2)
         index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
@@ -434,3 +440,215 @@ def assert_png(path):
         im.verify()
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 100 and im.height > 100
+
+
+#################################################################################
+#                          Original single files (SD1.5 / SDXL)                 #
+#################################################################################
+# Written from the published key tables of the LDM / sgm / open_clip formats, independently of the loaders' mappings
+# (unet.py, vae.py, clip.py); diffusers' own single-file loader reads these files in the tests, which checks the writer.
+
+# The DDPM schedule buffers LatentDiffusion registers: top-level keys of LDM checkpoints that loaders ignore.
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+RESNET_TO_LDM = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
+                 "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection."}
+UNET_TOP_TO_LDM = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+                   "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",
+                   "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+                   "mid_block.attentions.0.": "middle_block.1."}
+
+
+def unet_to_ldm(sd, config):
+    """diffusers UNet keys -> LDM keys (no prefix) by the LDM block formulas, with L = layers_per_block: down block b's
+    layer j is input_blocks.{1 + b(L+1) + j} (resnet .0, attention .1), its downsampler input_blocks.{1 + b(L+1) + L}
+    .0.op; up block b's layer j is output_blocks.{b(L+1) + j}, its upsampler output_blocks.{b(L+1) + L}.{2 after an
+    attention, else 1}.conv; mid resnets middle_block.0 / .2. `config`: the unet/config.json dict."""
+    L = config["layers_per_block"]
+    up_attention = [t == "CrossAttnUpBlock2D" for t in config["up_block_types"]]
+    rules = [(r"down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda b, j: f"input_blocks.{1 + b * (L + 1) + j}.0."),
+             (r"down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda b, j: f"input_blocks.{1 + b * (L + 1) + j}.1."),
+             (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda b: f"input_blocks.{1 + b * (L + 1) + L}.0.op."),
+             (r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda b, j: f"output_blocks.{b * (L + 1) + j}.0."),
+             (r"up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda b, j: f"output_blocks.{b * (L + 1) + j}.1."),
+             (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.",
+              lambda b: f"output_blocks.{b * (L + 1) + L}.{2 if up_attention[b] else 1}.conv."),
+             (r"mid_block\.resnets\.(\d+)\.", lambda j: f"middle_block.{2 * j}.")]
+    out = {}
+    for k, v in sd.items():
+        top = next((a for a in UNET_TOP_TO_LDM if k.startswith(a)), None)
+        if top:
+            out[UNET_TOP_TO_LDM[top] + k[len(top):]] = v
+            continue
+        pattern, fn = next((p, fn) for p, fn in rules if re.match(p, k))
+        m = re.match(pattern, k)
+        block, rest = fn(*map(int, m.groups())), k[m.end():]
+        if "resnets" in pattern:
+            inner = next(a for a in RESNET_TO_LDM if rest.startswith(a))
+            rest = RESNET_TO_LDM[inner] + rest[len(inner):]
+        out[block + rest] = v
+    return out
+
+
+def vae_to_ldm(sd, n_blocks):
+    """diffusers AutoencoderKL keys -> LDM keys (no prefix): up blocks counted from the lowest resolution,
+    attention projections as 1x1 convs."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                   lambda m: f"decoder.up.{n_blocks - 1 - int(m[1])}.block.", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                   lambda m: f"decoder.up.{n_blocks - 1 - int(m[1])}.upsample.", k)
+        for a, b in [("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2."),
+                     ("mid_block.attentions.0.group_norm.", "mid.attn_1.norm."), ("conv_norm_out.", "norm_out."),
+                     ("mid_block.attentions.0.to_out.0.", "mid.attn_1.proj_out."), ("conv_shortcut.", "nin_shortcut.")]:
+            k = k.replace(a, b)
+        k = re.sub(r"mid_block\.attentions\.0\.to_(q|k|v)\.", r"mid.attn_1.\1.", k)
+        if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", k):
+            v = v[:, :, None, None]                                     # (C, C) -> (C, C, 1, 1)
+        out[k] = v
+    return out
+
+
+def clip_to_open_clip(sd):
+    """transformers CLIPTextModelWithProjection keys -> open_clip's text tower: q, k, v fused row-wise into
+    in_proj_weight (3D, D) / in_proj_bias (3D,), text_projection stored as P = weightᵀ (D, P_out) for x @ P."""
+    sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in sd.items()}
+    layers = sorted({int(m[1]) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
+    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+           "text_projection": sd["text_projection.weight"].T.contiguous()}
+    for i in layers:
+        hf, oc = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{kind}"] = torch.cat([sd[f"{hf}self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[f"{oc}{b}.{kind}"] = sd[f"{hf}{a}.{kind}"]
+    return out
+
+
+def _component(folder, name):
+    from safetensors.torch import load_file
+    weights = [f for f in sorted(os.listdir(os.path.join(folder, name))) if f.endswith(".safetensors")]
+    return load_file(os.path.join(folder, name, weights[0]))
+
+
+def write_sd_single_file(pipeline_folder, path, style=None, extras=False):
+    """The tiny pipeline `pipeline_folder` (write_tiny_sd) as an original single file at `path`: .safetensors, or
+    .ckpt = torch.save({'state_dict': ...}). SD1.5 layout: model.diffusion_model.*, first_stage_model.*,
+    cond_stage_model.transformer.text_model.*; SDXL ("sdxl", default: when text_encoder_2/ exists):
+    conditioner.embedders.0.transformer.text_model.* (CLIP-L) and conditioner.embedders.1.model.* (bigG, open_clip
+    names) instead of cond_stage_model. extras: also what real files carry and loaders ignore: model_ema.* (the
+    flattened EMA copy, here UNet weights + 1, so reading it breaks parity), the schedule buffers, the CLIP
+    position_ids and open_clip's logit_scale. Returns {key: tensor} as written."""
+    folder = os.fspath(pipeline_folder)
+    style = style or ("sdxl" if os.path.isdir(os.path.join(folder, "text_encoder_2")) else "sd15")
+    with open(os.path.join(folder, "unet", "config.json")) as f:
+        unet_config = json.load(f)
+    with open(os.path.join(folder, "vae", "config.json")) as f:
+        n_vae_blocks = len(json.load(f)["block_out_channels"])
+    sd = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(_component(folder, "unet"), unet_config).items()}
+    sd.update({"first_stage_model." + k: v for k, v in vae_to_ldm(_component(folder, "vae"), n_vae_blocks).items()})
+    clip_l = {k if k.startswith("text_model.") else "text_model." + k: v
+              for k, v in _component(folder, "text_encoder").items()}
+    clip_prefix = "cond_stage_model.transformer." if style == "sd15" else "conditioner.embedders.0.transformer."
+    sd.update({clip_prefix + k: v for k, v in clip_l.items()})
+    if style == "sdxl":
+        bigg = clip_to_open_clip(_component(folder, "text_encoder_2"))
+        sd.update({"conditioner.embedders.1.model." + k: v for k, v in bigg.items()})
+    if extras:
+        sd.update({"model_ema." + "".join(k.split(".")[1:]): v + 1 for k, v in sd.items()
+                   if k.startswith("model.diffusion_model.")})
+        sd.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)})
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64).float() ** 2
+        sd.update({name: betas + i for i, name in enumerate(SCHEDULE_BUFFERS)})
+        sd[clip_prefix + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        if style == "sdxl":
+            sd["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)
+    sd = {k: v.contiguous().clone() for k, v in sd.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.fspath(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(sd, os.fspath(path))
+    else:
+        torch.save({"state_dict": sd, "global_step": 1000}, os.fspath(path))
+    return sd
+
+
+def write_bpe_tokenizer(folder, pad="<|endoftext|>"):
+    """A CLIP tokenizer folder holding the real vocabulary, written from the repository's copy of openai's
+    bpe_simple_vocab_16e6.txt.gz as openai's simple_tokenizer orders it (vocab.json: the 256 byte symbols, the same
+    with "</w>", the first 48,894 merges joined, <|startoftext|>, <|endoftext|>; merges.txt: "#version: 0.2" and those
+    merges), with write_clip_tokenizer's json files for the pad rule."""
+    import gzip
+    try:                                                       # the reference's byte map, where transformers has it
+        from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    except ImportError:
+        from clip import bytes_to_unicode
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with gzip.open(os.path.join(root, "clip_bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+    write_clip_tokenizer(folder, pad=pad)                       # special_tokens_map.json, tokenizer_config.json
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + \
+        ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    return os.fspath(folder)
+
+
+# The releases' networks as diffusers / transformers build them (their defaults plus these arguments).
+RELEASE_UNET = {"sd15": dict(cross_attention_dim=768, sample_size=64),
+                "sdxl": dict(sample_size=128, block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+                             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                             attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                             projection_class_embeddings_input_dim=2816)}
+RELEASE_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+RELEASE_CLIP = {"clip_l": dict(hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+                               num_attention_heads=12),
+                "bigg": dict(hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+                             num_attention_heads=20, hidden_act="gelu")}
+
+
+def write_real_size_skeleton(path, style, change=None):
+    """A .ckpt holding every key of a real SD1.5 (v1-5-pruned-emaonly) or SDXL base (sd_xl_base_1.0) single file at
+    its real shape, all values one shared zero (stride-0 views of one element: the file is a few hundred KB and a
+    model loaded from it holds no memory either): for the loaders' keys, shapes, detection and configs at real size.
+    change: {key: shape, or None to drop it}. Returns {key: shape}."""
+    import diffusers
+    import transformers
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**RELEASE_UNET[style])
+        vae = diffusers.AutoencoderKL(**RELEASE_VAE)
+        clip_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(**RELEASE_CLIP["clip_l"]))
+        bigg = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**RELEASE_CLIP["bigg"]))
+    shapes = {"model.diffusion_model." + k: v.shape for k, v in unet_to_ldm(unet.state_dict(), unet.config).items()}
+    shapes.update({"first_stage_model." + k: v.shape for k, v in vae_to_ldm(vae.state_dict(), 4).items()})
+    clip_prefix = "cond_stage_model.transformer." if style == "sd15" else "conditioner.embedders.0.transformer."
+    shapes.update({clip_prefix + (k if k.startswith("text_model.") else "text_model." + k): v.shape
+                   for k, v in clip_l.state_dict().items()})
+    shapes[clip_prefix + "text_model.embeddings.position_ids"] = (1, 77)
+    if style == "sdxl":
+        shapes.update({"conditioner.embedders.1.model." + k: v.shape
+                       for k, v in clip_to_open_clip(bigg.state_dict()).items()})
+        shapes["conditioner.embedders.1.model.logit_scale"] = ()
+    for k, shape in (change or {}).items():
+        if shape is None:
+            shapes.pop(k)
+        else:
+            shapes[k] = shape
+    zero = torch.zeros((), dtype=torch.float16)
+    torch.save({"state_dict": {k: zero.expand(tuple(s)) for k, s in shapes.items()}}, os.fspath(path))
+    return {k: tuple(s) for k, s in shapes.items()}

@@ -8,16 +8,20 @@ CLIPTextModelWithProjection folders saved with save_pretrained. Real-size checks
 """
 import json
 import os
+import re
 import shutil
 
 import pytest
 import torch
 import transformers
 
+import clip
 from clip import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, clip_vit_l14_text_config,
                   load_clip_text, open_clip_bigg14_text_config)
 from fixtures import CLIP_PROMPTS as PROMPTS
 from fixtures import LONG, clip_text_config as hf_config, randomize, write_clip_tokenizer, write_tiny_clip
+from fixtures import clip_to_open_clip as fixture_clip_to_open_clip
+from fixtures import write_bpe_tokenizer, write_real_size_skeleton, write_sd_single_file, write_tiny_sd
 from models import read_state_dict
 
 transformers.logging.set_verbosity_error()
@@ -268,3 +272,165 @@ def test_tokenizer_reads_a_tokenizers_json_folder(pipe, tmp_path):
     ascii_prompts = [p for p in PROMPTS if p.isascii() and p.isprintable()]
     assert torch.equal(CLIPTokenizer.from_folder(str(tmp_path / "fast"))(ascii_prompts),
                        CLIPTokenizer.from_folder(folder)(ascii_prompts))
+
+
+#################################################################################
+#                          Single files: the bundled tokenizer                  #
+#################################################################################
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_bundled_bpe_tokenizer_matches_transformers(pad, tmp_path):
+    """The tokenizer built from the repository's BPE file (single files hold none) gives transformers' ids on a
+    vocab.json / merges.txt folder written from the same file (fixtures.write_bpe_tokenizer), with SD's pad rule
+    (<|endoftext|>) and SDXL tokenizer_2's ("!", a special token)."""
+    folder = write_bpe_tokenizer(tmp_path / "tok", pad=pad)
+    ours = CLIPTokenizer.from_bpe_file(pad_token=pad)
+    assert ours.vocab == json.loads((tmp_path / "tok" / "vocab.json").read_text(encoding="utf-8"))
+    assert len(ours.vocab) == 49408 and ours.bos_id == 49406 and ours.eos_id == 49407
+    assert ours.pad_id == (49407 if pad == "<|endoftext|>" else 0) and ours.vocab["!"] == 0
+    ids, ref = ours(PROMPTS), hf_ids(folder, PROMPTS)
+    fast = transformers.CLIPTokenizer.from_pretrained(folder).is_fast     # transformers 5: see the test above
+    for p, a, b in zip(PROMPTS, ids, ref):
+        if not fast or (p.isascii() and p.isprintable() and "<|" not in p):
+            assert torch.equal(a, b), (p, a.tolist(), b.tolist())
+    assert torch.equal(CLIPTokenizer.from_folder(folder)(PROMPTS), ids)
+    assert len(ours.encode_one("a photo of a cat")) == 7                  # one id per word: the real merges
+    bangs = [ours.vocab["!!</w>"]] if pad == "<|endoftext|>" else [0, 0]   # "!" special: split out, id 0 each
+    assert ours.encode_one("wow!!") == [ours.bos_id, ours.vocab["wow</w>"]] + bangs + [ours.eos_id]
+
+
+#################################################################################
+#                          Single files: the encoders                           #
+#################################################################################
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def sd_files(request, tmp_path_factory):
+    """A tiny SD1.5- or SDXL-style pipeline with the real CLIP vocabulary (tokenizers and embedding rows), and the
+    same weights as original single files (.safetensors and .ckpt) with position_ids, logit_scale, an EMA copy of
+    the UNet and the schedule buffers."""
+    style = request.param
+    root = tmp_path_factory.mktemp(f"single_{style}")
+    folder = write_tiny_sd(root / "pipe", style, real_vocab=True)
+    files = {ext: str(root / f"{style}.{ext}") for ext in ("safetensors", "ckpt")}
+    for path in files.values():
+        write_sd_single_file(folder, path, extras=True)
+    return style, folder, files
+
+
+def _diffusers_encoders(style, folder, path):
+    """{which: the transformers encoder diffusers makes of the single file}: the text encoders of the pipeline's
+    from_single_file; SDXL's text_encoder_2 from diffusers' open_clip converter (the pipeline tells the two encoders
+    apart by width, which the tiny ones share)."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    diffusers.utils.logging.set_verbosity_error()
+    cls = diffusers.StableDiffusionPipeline if style == "sd15" else diffusers.StableDiffusionXLPipeline
+    out = {1: cls.from_single_file(path, config=folder, local_files_only=True).text_encoder}
+    if style == "sdxl":
+        model = transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig.from_pretrained(os.path.join(folder, "text_encoder_2"))).eval()
+        sd = convert_open_clip_checkpoint(model, read_state_dict(path), prefix="conditioner.embedders.1.model.")
+        model.load_state_dict(_theirs(sd, model), strict=True)
+        out[2] = model
+    return out
+
+
+def test_single_file_encoders_parity_with_diffusers(sd_files):
+    """which=1 (SD1.5's and SDXL's CLIP ViT-L) and which=2 (SDXL's OpenCLIP bigG, open_clip names): the tokenizer and
+    the encoder of the single file give transformers' ids and diffusers' outputs, and exactly the folder's weights."""
+    style, folder, files = sd_files
+    refs = _diffusers_encoders(style, folder, files["safetensors"])
+    for which, ref in refs.items():
+        name = "text_encoder" if which == 1 else "text_encoder_2"
+        config = os.path.join(folder, name, "config.json")
+        from_folder = load_clip_text(folder, which=which)[1]
+        for ext, path in files.items():
+            tok, enc = load_clip_text(path, which=which, config=config)
+            ids = tok(PROMPTS)
+            assert torch.equal(ids, hf_ids(os.path.join(folder, "tokenizer" if which == 1 else "tokenizer_2"), PROMPTS))
+            assert enc.with_projection == (which == 2)
+            assert all(torch.equal(v, from_folder.state_dict()[k]) for k, v in enc.state_dict().items())
+            with torch.no_grad():
+                out, theirs = enc(ids), ref(input_ids=ids, output_hidden_states=True)
+            pairs = {"last_hidden_state": theirs.last_hidden_state,
+                     "penultimate_hidden_state": theirs.hidden_states[-2]}
+            if which == 2:
+                pairs["text_embeds"] = theirs.text_embeds
+            else:
+                pairs["pooler_output"] = theirs.pooler_output
+            for key, want in pairs.items():
+                diff = (out[key] - want).abs().max().item()
+                print(f"{style} .{ext} CLIP which={which} {key}: max|diff| to diffusers {diff:.2e}")
+                assert out[key].shape == want.shape and diff <= 1e-5, key
+
+
+def test_single_file_errors_name_the_problem(sd_files, tmp_path):
+    from safetensors.torch import save_file
+    style, folder, files = sd_files
+    config = {w: os.path.join(folder, n, "config.json") for w, n in ((1, "text_encoder"), (2, "text_encoder_2"))}
+    sd = read_state_dict(files["safetensors"])
+    if style == "sd15":
+        with pytest.raises(ValueError, match=r"has no which=2 text encoder \(keys conditioner\.embedders\.1\.model\.\*"
+                                             r"\); it holds which=\[1\]: SD1\.5 files hold one \(which=1\)"):
+            load_clip_text(files["safetensors"], which=2)
+    save_file({k: v for k, v in sd.items() if k.startswith("model.")}, tmp_path / "unet.safetensors")
+    with pytest.raises(ValueError, match=r"has no which=1 text encoder .*it holds no CLIP text encoder"):
+        load_clip_text(tmp_path / "unet.safetensors")
+    with pytest.raises(ValueError, match=r"holds a transformers CLIP text model .*pass the folder holding it"):
+        load_clip_text(os.path.join(folder, "text_encoder", "model.safetensors"))
+    prefix = {1: "cond_stage_model.transformer." if style == "sd15" else "conditioner.embedders.0.transformer.",
+              2: "conditioner.embedders.1.model."}
+    extra = {1: "text_model.encoder.layers.0.extra.weight", 2: "transformer.resblocks.0.extra.weight"}
+    gone = {1: "text_model.final_layer_norm.bias", 2: "ln_final.bias"}
+    for which in ((1,) if style == "sd15" else (1, 2)):
+        save_file({**sd, prefix[which] + extra[which]: torch.zeros(1)}, tmp_path / f"extra{which}.safetensors")
+        with pytest.raises(ValueError, match=rf"under {re.escape(prefix[which])}\* .*with the config given.*"
+                                             rf"unexpected keys: {re.escape(extra[which])}\."):
+            load_clip_text(tmp_path / f"extra{which}.safetensors", which=which, config=config[which])
+        save_file({k: v for k, v in sd.items() if k != prefix[which] + gone[which]},
+                  tmp_path / f"missing{which}.safetensors")
+        with pytest.raises(ValueError, match=r"missing keys: text_model\.final_layer_norm\.bias"):
+            load_clip_text(tmp_path / f"missing{which}.safetensors", which=which, config=config[which])
+    with pytest.raises(ValueError, match=r"with the ViT-L/14 release config \(config= for another\).*shape mismatches"):
+        load_clip_text(files["safetensors"])                              # tiny weights, real-size config
+
+
+#################################################################################
+#                          Single files at real size                            #
+#################################################################################
+
+def test_real_size_open_clip_mapping():
+    """bigG at real size: our mapping reversed gives the 389 open_clip tensors of SDXL's file from the 517 of
+    transformers (the fixtures' independent writer agrees), and diffusers' own converter maps them back to exactly
+    transformers' keys and shapes; forward, ours maps them to our encoder's."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    config = open_clip_bigg14_text_config()
+    with torch.device("meta"):
+        ref = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**vars(config)))
+        ours_sd = CLIPTextModel(config, True).state_dict()
+    hf = ref.state_dict()
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}      # noqa: E731
+    open_clip = clip.clip_state_dict_to_open_clip(ours_sd)
+    assert len(ours_sd) == len(hf) == 517 and len(open_clip) == 389
+    assert shapes(open_clip) == shapes(fixture_clip_to_open_clip(ours_sd))
+    assert shapes(open_clip)["transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
+    assert shapes(clip.clip_state_dict_from_open_clip(open_clip)) == shapes(ours_sd)
+    prefix = "conditioner.embedders.1.model."
+    theirs = convert_open_clip_checkpoint(ref, {prefix + k: v for k, v in open_clip.items()}, prefix=prefix)
+    assert shapes(theirs) == {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+                              for k, v in shapes(hf).items()}
+
+
+@pytest.mark.parametrize("release", ["sd15", "sdxl"])
+def test_real_size_single_file_encoders(release, tmp_path):
+    """Every key of the release's file at its real shape: each text encoder loads with its release config and the
+    bundled tokenizer with its pad rule."""
+    write_real_size_skeleton(tmp_path / "f.ckpt", release)
+    for which, factory, n in ((1, clip_vit_l14_text_config, 123_060_480),
+                              (2, open_clip_bigg14_text_config, 694_659_840)):
+        if release == "sd15" and which == 2:
+            continue
+        tok, enc = load_clip_text(tmp_path / "f.ckpt", which=which)
+        assert enc.config == factory() and enc.with_projection == (which == 2)
+        assert sum(p.numel() for p in enc.parameters()) == n
+        assert len(tok.vocab) == 49408 and tok.pad_id == (49407 if which == 1 else 0)

@@ -97,6 +97,78 @@ def test_read_state_dict_errors_name_the_problem(tmp_path):
         M.read_state_dict(str(tmp_path / "training.pt"))
 
 
+def _full_checkpoint(seed=0):
+    """A single file's worth of components: {'unet.*', 'vae.*', 'ema.*'} tensors."""
+    return {f"{part}.{k}": v + i for i, part in enumerate(("unet", "vae", "ema")) for k, v in _tensors(seed).items()}
+
+
+def test_read_state_dict_prefixes_reads_only_those_tensors(tmp_path, monkeypatch):
+    import safetensors
+    sd = _full_checkpoint()
+    want = {k: v for k, v in sd.items() if k.startswith(("unet.", "ema."))}
+    M.save_safetensors(sd, str(tmp_path / "full.safetensors"))
+    opened, read = safetensors.safe_open, []
+
+    class Spy:                                                  # safe_open that records the tensors read
+        def __init__(self, *args, **kw):
+            self.f = opened(*args, **kw)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    assert _same(M.read_state_dict(str(tmp_path / "full.safetensors"), prefixes=("unet.", "ema.")), want)
+    assert sorted(read) == sorted(want)                         # the vae.* bytes were never read
+    monkeypatch.undo()
+    torch.save({"state_dict": sd, "global_step": 3}, tmp_path / "full.ckpt")       # LDM .ckpt: memory-mapped
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw) or real_load(*a, **kw))
+    assert _same(M.read_state_dict(str(tmp_path / "full.ckpt"), prefixes=["unet.", "ema."]), want)
+    assert loads[0]["mmap"] and loads[0]["weights_only"]
+    torch.save({"state_dict": sd}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    assert _same(M.read_state_dict(str(tmp_path / "legacy.ckpt"), prefixes=("vae.",)),     # not mappable: read
+                 {k: v for k, v in sd.items() if k.startswith("vae.")})
+    M.save_safetensors(sd, str(tmp_path / "folder" / "model.safetensors"))
+    assert _same(M.read_state_dict(str(tmp_path / "folder"), prefixes=("ema.",)),
+                 {k: v for k, v in sd.items() if k.startswith("ema.")})
+    assert M.read_state_dict(str(tmp_path / "full.safetensors"), prefixes=("nothing.",)) == {}
+
+
+def test_checkpoint_shapes_reads_names_and_shapes_only(tmp_path):
+    sd = _full_checkpoint()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    M.save_safetensors(sd, str(tmp_path / "full.safetensors"))
+    torch.save({"state_dict": sd}, tmp_path / "full.ckpt")
+    assert M.checkpoint_shapes(str(tmp_path / "full.safetensors")) == shapes
+    assert M.checkpoint_shapes(str(tmp_path / "full.ckpt")) == shapes
+    data = (tmp_path / "full.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match=r"^could not read checkpoint .*cut\.safetensors.*truncated.*download it "
+                                         r"again\.$"):
+        M.checkpoint_shapes(str(tmp_path / "cut.safetensors"))
+
+
+def test_pickled_objects_are_refused_with_the_fix(tmp_path):
+    """An LDM .ckpt carrying training objects: weights-only loading refuses it; the error is one line with the fix."""
+    import argparse
+    torch.save({"state_dict": _tensors(), "hparams": argparse.Namespace(lr=1.0)}, tmp_path / "train.ckpt")
+    with pytest.raises(ValueError, match=r"^could not read checkpoint .*train\.ckpt.*pickled Python objects.*"
+                                         r"\.safetensors") as e:
+        M.read_state_dict(str(tmp_path / "train.ckpt"))
+    assert "\n" not in str(e.value)
+
+
 def test_load_exact_lists_every_mismatch_and_build_and_load_casts():
     net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
     sd = {k: v.clone() for k, v in net.state_dict().items()}

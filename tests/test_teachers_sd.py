@@ -3,8 +3,9 @@
 
 Sampling equals diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline on the same folder (CFG against the
 empty prompt, or against zeros for SDXL; SDXL's micro-conditions); the VAE scales; the half-precision VAE rule; a
-folder or file of the other release is named; train -> resume -> sample, full and LoRA; an SD1.5 LoRA student
-plugged into another SD1.5 model (paper Table 2) and refused by another architecture.
+folder or file of the other release is named; train -> resume -> sample, full and LoRA, from folders and from
+original single files (fixtures.write_sd_single_file, described by their folder via --weights-config); an SD1.5
+LoRA student plugged into another SD1.5 model (paper Table 2) and refused by another architecture.
 """
 import json
 import os
@@ -18,7 +19,7 @@ from PIL import Image
 import sample as S
 import tdm
 import train
-from fixtures import PROMPTS, tiny_sd_unet, write_tiny_sd
+from fixtures import PROMPTS, tiny_sd_unet, write_real_size_skeleton, write_sd_single_file, write_tiny_sd
 from teachers import TEACHERS, load_teacher
 
 STYLES = ("sd15", "sdxl")
@@ -200,3 +201,79 @@ def test_a_sd15_lora_plugs_into_another_sd15_model(folders):
     tiny_sd_unet("sd15", 5, block_out_channels=(8, 16, 24)).save_pretrained(wide / "unet")
     with pytest.raises(ValueError, match="shape mismatches.*moves only to a model of its own architecture"):
         S.load_run(run, device="cpu", weights=str(wide))
+
+
+#################################################################################
+#                          Single checkpoint files                              #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def files(folders):
+    """The tiny pipelines as original single files: SD1.5 as .safetensors, SDXL as .ckpt (with the EMA copy and
+    the schedule buffers real non-pruned files carry)."""
+    root, f, _ = folders
+    out = {"sd15": str(root / "sd15.safetensors"), "sdxl": str(root / "sdxl.ckpt")}
+    write_sd_single_file(f["sd15"], out["sd15"])
+    write_sd_single_file(f["sdxl"], out["sdxl"], extras=True)
+    return out
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_single_file_is_the_same_teacher_as_its_folder(folders, files, style):
+    """--weights FILE --weights-config FOLDER (the folder only describing the file's tiny architecture): the
+    same conditions, x0 and images as the folder itself, bit for bit."""
+    _, f, _ = folders
+    a = load_teacher(style, f[style], device="cpu", log=None)
+    b = load_teacher(style, files[style], device="cpu", log=None, weights_config=f[style])
+    assert b.cache_folder != a.cache_folder and b.scaling_factor == a.scaling_factor
+    ca, cb = a.encode(PROMPTS[:2]), b.encode(PROMPTS[:2])
+    ca, cb = (ca,) if torch.is_tensor(ca) else ca, (cb,) if torch.is_tensor(cb) else cb
+    assert all(torch.equal(x, y) for x, y in zip(ca, cb))
+    x = torch.randn(2, *a.sample_shape, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([900, 300])
+    cond = a.encode(PROMPTS[:2])
+    assert torch.equal(a.denoise(x, t, cond), b.denoise(x, t, cond))
+    assert torch.equal(a.decode(x * 0.3), b.decode(x * 0.3))
+
+
+def test_single_file_train_resume_sample(folders, files):
+    """train.py on an SDXL .ckpt (full) and an SD1.5 .safetensors (LoRA): resume exact, sample.py from the run,
+    and the SD1.5 LoRA applied to another SD1.5 model given as a single file."""
+    root, f, prompts = folders
+    for style, lora in (("sdxl", "0"), ("sd15", "4")):
+        cfg = ["--weights-config", f[style]]
+        straight = _train(root, files[style], prompts, style, f"file_{style}", "--iters", "2", "--lora", lora, *cfg)
+        split = _train(root, files[style], prompts, style, f"file_{style}_split", "--iters", "1", "--lora", lora, *cfg)
+        train.main(["--resume", split, "--iters", "2"])
+        (a, meta), (b, _) = train.load_checkpoint(straight), train.load_checkpoint(split)
+        assert meta["weights"] == files[style] and meta["weights_config"] == f[style]
+        assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+        out = str(root / f"file_{style}.png")
+        S.main(["--student", straight, "--steps", "4", "--out", out, "--prompts", "a cat"])
+        assert Image.open(out).size == (64, 64)
+    other = str(root / "sd15_other.safetensors")
+    write_sd_single_file(f["sd15_other"], other)
+    S.main(["--student", straight, "--weights", other, "--weights-config", f["sd15_other"], "--steps", "4",
+            "--out", out, "--prompts", "a cat"])
+    teacher, _, _ = S.load_run(straight, device="cpu", weights=other, weights_config=f["sd15_other"])
+    assert teacher.weights == other
+
+
+def test_single_file_errors_name_the_problem(folders, files, tmp_path):
+    """A file of the other release (real-size key layout, and a tiny file with its describing folder), a truncated
+    file, a folder given as --weights-config of a folder: one error each, naming the fix."""
+    _, f, _ = folders
+    for style, other in (("sd15", "sdxl"), ("sdxl", "sd15")):
+        skeleton = str(tmp_path / f"{other}.ckpt")
+        write_real_size_skeleton(skeleton, other)
+        with pytest.raises(ValueError, match=f"is an {other.upper()} checkpoint, not {style.upper()}: use --teacher "
+                                             f"{other}"):
+            load_teacher(style, skeleton, log=None)
+        with pytest.raises(ValueError, match=f"use --teacher {other}"):
+            load_teacher(style, files[other], log=None, weights_config=f[style])
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(open(files["sd15"], "rb").read()[:5000])
+    with pytest.raises(ValueError, match="truncated"):
+        load_teacher("sd15", str(truncated), log=None)
+    with pytest.raises(ValueError, match="weights_config describes a single checkpoint file"):
+        load_teacher("sd15", f["sd15"], log=None, weights_config=f["sd15"])

@@ -380,32 +380,24 @@ def test_average_gradients_gives_every_rank_the_mean_gradient(tmp_path):
     mp.start_processes(_hook_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True, start_method="fork")
 
 
-def _torchrun_many(*argvs, check=True):
-    """train.py under torchrun with 2 processes on CPU (gloo), once per argv, the launches running side by side
-    (each --standalone rendezvous picks its own free port). -> their CompletedProcess, in order."""
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for args in argvs]
-    results = []
-    for args, p in zip(argvs, procs):
-        try:
-            out, err = p.communicate(timeout=300)
-        finally:
-            p.kill()
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    for r in results:
-        assert r.returncode == 0 or not check, r.stdout[-3000:] + r.stderr[-3000:]
-    return results
-
-
 def _torchrun(*args, check=True):
-    return _torchrun_many(args, check=check)[0]
+    """train.py under torchrun with 2 processes on CPU (gloo) -> its CompletedProcess. Launches run one at a time:
+    two --standalone rendezvous started side by side can race for the same free port."""
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == 0 or not check, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def test_torchrun_toy_resume_equals_uninterrupted(fast_toy_teacher, tmp_path):
     common = ["--out", str(tmp_path), "--batch", "64", "--eval-every", "0", "--final-eval-n", "0", "--figure-n", "0"]
-    _torchrun_many([*common, "--name", "straight", "--iters", "6"], [*common, "--name", "split", "--iters", "3"])
+    _torchrun(*common, "--name", "straight", "--iters", "6")
+    _torchrun(*common, "--name", "split", "--iters", "3")
     r = _torchrun("--resume", str(tmp_path / "split"), "--iters", "6")
     assert "2 processes, 32 samples each" in r.stdout
     a, b = (train.read_state_dict(os.path.join(tmp_path, name, "ckpt.safetensors")) for name in ("straight", "split"))

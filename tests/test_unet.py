@@ -2,17 +2,23 @@
 the extra time-embedding hook, config errors, real-size key coverage on the meta device.
 
 diffusers is a test-only reference: tiny random UNet2DConditionModels are saved with save_pretrained (plain,
-sharded and variant="fp16") and loaded back with ours.
+sharded and variant="fp16") and loaded back with ours; tiny pipelines written as original single files
+(fixtures.write_sd_single_file) load in ours and in diffusers' from_single_file; the real releases' single-file key
+sets are checked with zero-memory files holding every key at its real shape (fixtures.write_real_size_skeleton).
 """
 import copy
 import json
+import os
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
 
 import unet as U
-from fixtures import randomize
+from fixtures import randomize, tiny_sd_unet, write_real_size_skeleton, write_sd_single_file, write_tiny_sd
+from fixtures import unet_to_ldm as fixture_unet_to_ldm
+from models import read_state_dict
 
 TOL = 1e-5
 CTX = 12                                                  # tiny text width
@@ -163,7 +169,7 @@ def test_loader_errors(saved, tmp_path):
         U.load_unet(tmp_path / "nowhere")
     single = tmp_path / "sd.safetensors"
     single.write_bytes(b"")
-    with pytest.raises(ValueError, match="model.diffusion_model"):
+    with pytest.raises(ValueError, match=r"could not read checkpoint .*sd\.safetensors.*truncated"):
         U.load_unet(single)
     other = dict(dm.config, layers_per_block=dm.config.layers_per_block + 1)   # config of another network
     with pytest.raises(ValueError, match="missing keys"):
@@ -218,3 +224,139 @@ def test_real_size_key_coverage(release, factory, n_params, n_tensors):
     assert len(ours_sd) == n_tensors
     key = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     assert tuple(ours_sd[key].shape) == (1280, 768 if release == "sd15" else 2048)
+
+
+#################################################################################
+#                          Original single files                                #
+#################################################################################
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def single(request, tmp_path_factory):
+    """A tiny SD1.5- or SDXL-style pipeline folder and the same weights as original single files (.safetensors, and
+    .ckpt = {'state_dict': ...}), with what real files also carry: a different EMA copy, the schedule buffers."""
+    style = request.param
+    root = tmp_path_factory.mktemp(f"single_{style}")
+    folder = write_tiny_sd(root / "pipe", style)
+    files = {ext: str(root / f"{style}.{ext}") for ext in ("safetensors", "ckpt")}
+    for path in files.values():
+        write_sd_single_file(folder, path, extras=True)
+    return style, folder, files
+
+
+def sd_inputs(style, config, H=8, W=8, seed=2):
+    """(x, t, 77-token text, SDXL micro-conditions) for a UNet of `config`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, H, W, generator=g)
+    t = torch.tensor([3.5, 701.0])
+    y = torch.randn(2, 77, config.cross_attention_dim, generator=g)
+    added = None
+    if style == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(2, pooled, generator=g),
+                 "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64], [48, 80, 4, 8, 64, 64]])}
+    return x, t, y, added
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "ckpt"])
+def test_single_file_parity_with_diffusers(single, ext):
+    """The single file loads in ours and in diffusers' single-file loader to the same ε, and in ours to exactly the
+    weights of the diffusers folder (not the EMA copy)."""
+    style, folder, files = single
+    model = U.load_unet(files[ext], config=os.path.join(folder, "unet", "config.json"))
+    from_folder = U.load_unet(folder)
+    dm = UNet2DConditionModel.from_single_file(files[ext], config=folder, subfolder="unet", local_files_only=True)
+    assert model.state_dict().keys() == from_folder.state_dict().keys()
+    assert all(torch.equal(v, from_folder.state_dict()[k]) for k, v in model.state_dict().items())
+    for H, W in [(8, 8), (8, 12)]:
+        args = sd_inputs(style, model.config, H, W)
+        out, ref = ours(model, *args), reference(dm.eval(), *args)
+        diff = (out - ref).abs().max().item()
+        print(f"{style} .{ext} UNet {H}x{W}: max|diff| to diffusers' from_single_file {diff:.2e}")
+        assert diff < TOL and torch.equal(out, ours(from_folder, *args))
+
+
+def test_single_file_errors_name_the_problem(single, tmp_path):
+    style, folder, files = single
+    other = "sdxl" if style == "sd15" else "sd15"
+    config = U.UNetConfig.from_json(os.path.join(folder, "unet", "config.json"))
+    wrong = tiny_sd_unet(other).config                               # the other release's tiny layout, forced
+    with pytest.raises(ValueError, match=r"with the config given .*shape mismatches: .*(proj_in|attn2\.to_k)\.weight"):
+        U.load_unet(files["safetensors"], config={k: v for k, v in wrong.items() if not k.startswith("_")})
+    with pytest.raises(ValueError, match=r"not an SD1\.5 or SDXL base UNet.*pass config="):   # tiny: no release
+        U.load_unet(files["safetensors"])
+    sd = read_state_dict(files["safetensors"])
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(files["safetensors"], "rb").read()[:-100])
+    with pytest.raises(ValueError, match=r"could not read checkpoint .*cut\.safetensors.*truncated.*download it again"):
+        U.load_unet(cut, config=config)
+    gone = sorted(k for k in sd if k.startswith("model.diffusion_model.out."))
+    save_file({k: v for k, v in sd.items() if k not in gone}, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys: conv_norm_out\.bias, conv_norm_out\.weight, conv_out\.bias"):
+        U.load_unet(tmp_path / "missing.safetensors", config=config)
+    extra = {**sd, "model.diffusion_model.input_blocks.1.0.in_layers.5.weight": torch.zeros(1),
+             "model.diffusion_model.extra.weight": torch.zeros(1)}
+    save_file(extra, tmp_path / "extra.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected keys: model\.diffusion_model\.extra\.weight, "
+                                         r"model\.diffusion_model\.input_blocks\.1\.0\.in_layers\.5\.weight\."):
+        U.load_unet(tmp_path / "extra.safetensors", config=config)
+    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}
+    save_file(lora, tmp_path / "lora.safetensors")
+    with pytest.raises(ValueError, match=r"holds no UNet .*LoRA"):
+        U.load_unet(tmp_path / "lora.safetensors")
+    vae_only = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    save_file(vae_only, tmp_path / "vae.safetensors")
+    with pytest.raises(ValueError, match=r"holds no UNet .*a VAE .*vae\.load_vae"):
+        U.load_unet(tmp_path / "vae.safetensors", config=config)
+
+
+#################################################################################
+#                          Single files at real size (keys and shapes)          #
+#################################################################################
+
+@pytest.mark.parametrize("release, n_params", [("sd15", 859_520_964), ("sdxl", 2_567_463_684)])
+def test_real_size_single_file_release_and_load(release, n_params, tmp_path):
+    """Every key of the release's single file at its real shape (values one shared zero): the release is found from
+    the keys and the file loads (no tensor missing, extra or mis-shaped), with the release config."""
+    path = tmp_path / f"{release}.ckpt"
+    shapes = write_real_size_skeleton(path, release)
+    assert len(shapes) == (1131 if release == "sd15" else 2515)            # UNet + VAE + text encoder(s)
+    assert U.single_file_release(path) == release
+    model = U.load_unet(path)
+    assert model.config == U.RELEASE_CONFIGS[release]()
+    assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+@pytest.mark.parametrize("release, change, words", [
+    ("sd15", {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)},
+     r"an SD2\.x UNet \(cross-attention width 1024\)"),
+    ("sd15", {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, r"9 input channels \(inpainting"),
+    ("sdxl", {"model.diffusion_model.label_emb.0.0.weight": (1280, 2560)}, r"an SDXL refiner UNet"),
+    ("sdxl", {"model.diffusion_model.output_blocks.8.0.skip_connection.weight": None},
+     r"a UNet where output_blocks\.8\.0\.skip_connection\.weight is None, not \(320, 640, 1, 1\),")])
+def test_single_file_release_names_other_models(release, change, words, tmp_path):
+    write_real_size_skeleton(tmp_path / "other.ckpt", release, change)
+    with pytest.raises(ValueError, match=words + r".*not an SD1\.5 or SDXL base UNet.*pass config="):
+        U.single_file_release(tmp_path / "other.ckpt")
+
+
+@pytest.mark.parametrize("release", ["sd15", "sdxl"])
+def test_real_size_ldm_mapping(release):
+    """The mapping reversed at real size gives the release's LDM key set (686 / 1680 tensors); it equals the
+    fixtures' independent writer and diffusers' own converter maps it back to exactly our keys and shapes."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    hf = SD15_JSON if release == "sd15" else SDXL_JSON
+    config = U.UNetConfig.from_json(hf)
+    ours_sd = U.unet_from_config(config, device="meta").state_dict()
+    ldm = U.unet_state_dict_to_ldm(ours_sd, config)
+    shapes = {k: tuple(v.shape) for k, v in ldm.items()}
+    assert len(ldm) == len(ours_sd) == (686 if release == "sd15" else 1680)
+    assert shapes == {k: tuple(v.shape) for k, v in fixture_unet_to_ldm(ours_sd, hf).items()}
+    back = U.unet_state_dict_from_ldm(ldm, config)
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in ours_sd.items()}
+    theirs = convert_ldm_unet_checkpoint({U.LDM_PREFIX + k: v for k, v in ldm.items()},
+                                         {k: v for k, v in hf.items() if not k.startswith("_")})
+    assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v.shape) for k, v in ours_sd.items()}
+    assert shapes["input_blocks.1.1.proj_in.weight" if release == "sd15" else "input_blocks.4.1.proj_in.weight"] == \
+        ((320, 320, 1, 1) if release == "sd15" else (640, 640))
+    assert release == "sd15" or shapes["label_emb.0.0.weight"] == (1280, 2816)
+    assert "output_blocks.2.1.conv.weight" in ldm if release == "sd15" else "output_blocks.2.2.conv.weight" in ldm

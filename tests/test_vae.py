@@ -1,8 +1,9 @@
 """vae.py: the hand-written SD VAE against diffusers' AutoencoderKL (diffusers folders, legacy names, LDM single files),
 its config, the real-size keys, and loader errors.
 
-A tiny random AutoencoderKL (two blocks, 32 and 64 channels) is written by fixtures.write_tiny_vae; the real-size
-checks run on the meta device.
+A tiny random AutoencoderKL (two blocks, 32 and 64 channels) is written by fixtures.write_tiny_vae; full SD1.5 / SDXL
+single files by fixtures.write_sd_single_file. The real-size checks run on the meta device, or on a file holding every
+key of a release's single file at its real shape (fixtures.write_real_size_skeleton).
 """
 import dataclasses
 import json
@@ -14,8 +15,10 @@ import diffusers
 import pytest
 import torch
 
-from fixtures import reference_keys, write_tiny_vae
-from vae import VAE, VAEConfig, load_vae, sd_vae_config, vae_state_dict_from_any
+from fixtures import (reference_keys, vae_to_ldm, write_real_size_skeleton, write_sd_single_file, write_tiny_sd,
+                      write_tiny_vae)
+from models import read_state_dict
+from vae import VAE, VAEConfig, load_vae, sd_vae_config, sdxl_vae_config, vae_state_dict_from_any
 
 VAE_CFG = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
@@ -59,33 +62,12 @@ def test_vae_parity_diffusers_folders(root, tmp_path):
     vae_check(load_vae(str(tmp_path / "vae_old")), ref, "deprecated attention names")
 
 
-def to_ldm(sd, n_blocks):
-    """Diffusers -> original LDM names (1x1-conv attention), written independently of the loader's mapping."""
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
-        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
-                   lambda m: f"decoder.up.{n_blocks - 1 - int(m[1])}.block.", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                   lambda m: f"decoder.up.{n_blocks - 1 - int(m[1])}.upsample.", k)
-        for a, b in [("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2."),
-                     ("mid_block.attentions.0.group_norm.", "mid.attn_1.norm."), ("conv_norm_out.", "norm_out."),
-                     ("mid_block.attentions.0.to_out.0.", "mid.attn_1.proj_out."), ("conv_shortcut.", "nin_shortcut.")]:
-            k = k.replace(a, b)
-        k = re.sub(r"mid_block\.attentions\.0\.to_(q|k|v)\.", r"mid.attn_1.\1.", k)
-        if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", k):
-            v = v[:, :, None, None]
-        out["first_stage_model." + k] = v
-    return out
-
-
 def test_vae_ldm_single_file(root, tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors.torch import save_file
     ref = diffusers.AutoencoderKL.from_pretrained(root / "vae").eval()
-    ldm = to_ldm(ref.state_dict(), 2)
-    back = convert_ldm_vae_checkpoint(ldm, dict(ref.config))        # diffusers' own converter validates to_ldm
+    ldm = {"first_stage_model." + k: v for k, v in vae_to_ldm(ref.state_dict(), 2).items()}
+    back = convert_ldm_vae_checkpoint(ldm, dict(ref.config))        # diffusers' own converter checks vae_to_ldm
     assert back.keys() == ref.state_dict().keys() and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
     ldm["model.diffusion_model.out.0.weight"] = torch.zeros(1)        # a full SD checkpoint also holds the UNet
     save_file(ldm, tmp_path / "sd.safetensors")
@@ -156,3 +138,69 @@ def test_bad_inputs_raise_clear_errors(root, tmp_path):
     (vae_dir / "config.json").write_text(json.dumps(dict(cfg, _class_name="UNet2DConditionModel")))
     with pytest.raises(ValueError, match="not of a AutoencoderKL"):
         load_vae(str(vae_dir))
+
+
+#################################################################################
+#                          Full SD1.5 / SDXL single files                       #
+#################################################################################
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def single(request, tmp_path_factory):
+    """A tiny SD1.5- or SDXL-style pipeline folder and the same weights as original single files (.safetensors and
+    .ckpt), with an EMA copy of the UNet and the schedule buffers."""
+    style = request.param
+    root = tmp_path_factory.mktemp(f"single_{style}")
+    folder = write_tiny_sd(root / "pipe", style)
+    files = {ext: str(root / f"{style}.{ext}") for ext in ("safetensors", "ckpt")}
+    for path in files.values():
+        write_sd_single_file(folder, path, extras=True)
+    return style, folder, files
+
+
+def _same_weights(a, b):
+    return a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "ckpt"])
+def test_vae_from_full_single_files(single, ext):
+    """first_stage_model.* of a full SD1.5 / SDXL file: the same encode / decode as diffusers' from_single_file, the
+    same weights as the diffusers folder."""
+    style, folder, files = single
+    config = VAEConfig.from_json(os.path.join(folder, "vae", "config.json"))
+    ref = diffusers.AutoencoderKL.from_single_file(files[ext], config=folder, subfolder="vae", local_files_only=True)
+    vae = load_vae(files[ext], config=config)
+    assert _same_weights(vae, load_vae(folder))
+    vae_check(vae, ref.eval(), f"{style} .{ext} single file")
+
+
+def test_vae_only_files_and_files_without_a_vae(single, tmp_path):
+    """VAE-only files, bare or under `vae.`, load alike; a file without VAE keys and unexpected VAE keys are errors."""
+    from safetensors.torch import save_file
+    style, folder, files = single
+    config = VAEConfig.from_json(os.path.join(folder, "vae", "config.json"))
+    ldm = {k[len("first_stage_model."):]: v
+           for k, v in read_state_dict(files["safetensors"], prefixes=("first_stage_model.",)).items()}
+    want = load_vae(folder)
+    for name, prefix in (("bare", ""), ("prefixed", "vae.")):
+        save_file({prefix + k: v for k, v in ldm.items()}, tmp_path / f"{name}.safetensors")
+        assert _same_weights(load_vae(tmp_path / f"{name}.safetensors", config=config), want)
+    unet_only = read_state_dict(files["safetensors"], prefixes=("model.diffusion_model.",))
+    save_file(unet_only, tmp_path / "unet.safetensors")
+    with pytest.raises(ValueError, match=r"holds no VAE: no first_stage_model\.\*, vae\.\* or encoder\.\* / decoder"):
+        load_vae(tmp_path / "unet.safetensors", config=config)
+    full = read_state_dict(files["safetensors"])
+    save_file({**full, "first_stage_model.encoder.extra.weight": torch.zeros(1)}, tmp_path / "extra.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected keys: encoder\.extra\.weight\."):
+        load_vae(tmp_path / "extra.safetensors", config=config)
+
+
+@pytest.mark.parametrize("release, config", [("sd15", sd_vae_config), ("sdxl", sdxl_vae_config)])
+def test_real_size_single_file_vae(release, config, tmp_path):
+    """Every key of the release's file at its real shape: the VAE loads with the release's config, whose scaling
+    factor is the release's (0.18215 / 0.13025)."""
+    write_real_size_skeleton(tmp_path / "f.ckpt", release)
+    vae = load_vae(tmp_path / "f.ckpt")
+    assert vae.config == config() and vae.scaling_factor == (0.18215 if release == "sd15" else 0.13025)
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert dataclasses.replace(config(), scaling_factor=0.18215, sample_size=512) == sd_vae_config()
