@@ -15,6 +15,7 @@ One writer per family, each returning the folder it wrote (as str), deterministi
     write_tiny_clip      a transformers CLIPTextModel (WithProjection) folder
     write_tiny_sd        an SD1.5- or SDXL-style pipeline: unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/
     write_sd_single_file that pipeline as an original single file (.safetensors / .ckpt; LDM and open_clip key names)
+    tiny_sd_and_single_files   a tiny pipeline and its .safetensors and .ckpt single files
     write_bpe_tokenizer  a CLIP tokenizer folder with the real 49,408-id vocabulary, from the repository's BPE file
     write_real_size_skeleton  every key of a real SD1.5 / SDXL single file at its real shape, values one shared zero
 
@@ -580,6 +581,17 @@ def write_sd_single_file(pipeline_folder, path, style=None, extras=False):
     else:
         torch.save({"state_dict": sd, "global_step": 1000}, os.fspath(path))
     return sd
+
+
+def tiny_sd_and_single_files(root, style):
+    """(folder, {"safetensors": path, "ckpt": path}): a tiny pipeline (write_tiny_sd) under `root` and the same
+    weights as original single files, each with what real files also carry (extras: an EMA copy that differs, the
+    schedule buffers)."""
+    folder = write_tiny_sd(os.path.join(root, "pipe"), style)
+    files = {ext: os.path.join(root, f"{style}.{ext}") for ext in ("safetensors", "ckpt")}
+    for path in files.values():
+        write_sd_single_file(folder, path, extras=True)
+    return folder, files
 
 
 def write_bpe_tokenizer(folder, pad="<|endoftext|>"):

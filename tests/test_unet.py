@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 import unet as U
-from fixtures import randomize, tiny_sd_unet, write_real_size_skeleton, write_sd_single_file, write_tiny_sd
+from fixtures import randomize, tiny_sd_and_single_files, tiny_sd_unet, write_real_size_skeleton
 from fixtures import unet_to_ldm as fixture_unet_to_ldm
 from models import read_state_dict
 
@@ -235,12 +235,7 @@ def single(request, tmp_path_factory):
     """A tiny SD1.5- or SDXL-style pipeline folder and the same weights as original single files (.safetensors, and
     .ckpt = {'state_dict': ...}), with what real files also carry: a different EMA copy, the schedule buffers."""
     style = request.param
-    root = tmp_path_factory.mktemp(f"single_{style}")
-    folder = write_tiny_sd(root / "pipe", style)
-    files = {ext: str(root / f"{style}.{ext}") for ext in ("safetensors", "ckpt")}
-    for path in files.values():
-        write_sd_single_file(folder, path, extras=True)
-    return style, folder, files
+    return (style, *tiny_sd_and_single_files(str(tmp_path_factory.mktemp(f"single_{style}")), style))
 
 
 def sd_inputs(style, config, H=8, W=8, seed=2):

@@ -15,8 +15,7 @@ import diffusers
 import pytest
 import torch
 
-from fixtures import (reference_keys, vae_to_ldm, write_real_size_skeleton, write_sd_single_file, write_tiny_sd,
-                      write_tiny_vae)
+from fixtures import reference_keys, tiny_sd_and_single_files, vae_to_ldm, write_real_size_skeleton, write_tiny_vae
 from models import read_state_dict
 from vae import VAE, VAEConfig, load_vae, sd_vae_config, sdxl_vae_config, vae_state_dict_from_any
 
@@ -149,12 +148,7 @@ def single(request, tmp_path_factory):
     """A tiny SD1.5- or SDXL-style pipeline folder and the same weights as original single files (.safetensors and
     .ckpt), with an EMA copy of the UNet and the schedule buffers."""
     style = request.param
-    root = tmp_path_factory.mktemp(f"single_{style}")
-    folder = write_tiny_sd(root / "pipe", style)
-    files = {ext: str(root / f"{style}.{ext}") for ext in ("safetensors", "ckpt")}
-    for path in files.values():
-        write_sd_single_file(folder, path, extras=True)
-    return style, folder, files
+    return (style, *tiny_sd_and_single_files(str(tmp_path_factory.mktemp(f"single_{style}")), style))
 
 
 def _same_weights(a, b):
