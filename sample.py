@@ -53,9 +53,20 @@ def load_run(run_dir, teacher=None, device=None, meta=None, weights=None, weight
     state = read_state_dict(path)
     name = teacher or meta["teacher"]
     resolution = meta.get("args", {}).get("resolution")
-    kw = {k: v for k, v in dict(resolution=resolution, weights_config=weights_config if weights else meta.get("weights_config"))
-          .items() if v and TEACHERS[name].OUTPUT == "images"}
-    t = load_teacher(name, weights or meta.get("weights"), target=meta.get("target"), device=device, log=None, **kw)
+    kw = dict(resolution=resolution, weights_config=weights_config if weights else meta.get("weights_config"))
+    kw = {k: v for k, v in kw.items() if v and TEACHERS[name].OUTPUT == "images"}
+    if weights and not meta.get("lora"):
+        raise ValueError(f"weights={weights!r} plugs a LoRA student into another model, but {run_dir!r} is a full "
+                         "fine-tune: its network replaces the model's whole UNet / transformer; sample it without "
+                         "--weights")
+    try:
+        t = load_teacher(name, weights or meta.get("weights"), target=meta.get("target"), device=device, log=None,
+                         **kw)
+    except ValueError as e:
+        if not weights:
+            raise
+        raise ValueError(f"{e} (a LoRA student moves only to a model of its own architecture: {run_dir!r} is a "
+                         f"--teacher {name} run)") from None
     try:
         if meta.get("lora"):   # the adapter as trained: fp32 on the teacher's own base
             net = trainable_lora_views(t.network, meta["lora"], meta["lora_alpha"], names=("student",))[0]

@@ -217,6 +217,8 @@ class LatentTextToImageTeacher:
         self.weights_config = weights_config and os.fspath(weights_config)
         if os.path.isfile(weights):
             vae_cfg = self.check_single_file(weights, self.weights_config)
+            if self.weights_config:
+                self.check_scheduler_config(self.weights_config, strict=check_scheduler)
         elif weights_config:
             raise ValueError(f"weights_config describes a single checkpoint file; {weights!r} is not a file (a "
                              "folder brings its own config.json files)")
@@ -248,8 +250,8 @@ class LatentTextToImageTeacher:
     def load(cls, weights=None, target=None, device=None, log=print, **kw):
         """The teacher of a downloaded diffusers folder or checkpoint file (train.py --weights)."""
         if not weights:
-            raise ValueError(f"--teacher {cls.NAME} needs --weights PATH: the downloaded diffusers folder ({cls.EXAMPLE}; "
-                             "see README)")
+            raise ValueError(f"--teacher {cls.NAME} needs --weights PATH: the downloaded diffusers folder "
+                             f"({cls.EXAMPLE}; see README)")
         return cls(weights, device=device, log=log, **kw)
 
     @classmethod
@@ -257,7 +259,10 @@ class LatentTextToImageTeacher:
         """A teacher around an in-memory network, without a folder (no prompt encoding or decoding): benchmarks,
         tests."""
         self = cls.__new__(cls)
-        self.device, self.weights = next(network.parameters()).device, None
+        like = next(network.parameters())
+        self.device, self.dtype, self.weights, self.weights_config = like.device, like.dtype, None, None
+        self._encoder = self._vae = self._uncond = None
+        self._rows, self.prompts = {}, None
         self._init_network(network, vae_factor, resolution, autocast)
         return self
 
@@ -323,7 +328,7 @@ class LatentTextToImageTeacher:
         if bad:
             msg = (f"{path}: " + ", ".join(bad) + f". The {cls.NAME} teacher hard-codes its schedule ("
                    + ", ".join(f"{k} {v}" for k, v in cls.SCHEDULE.items()) + "), as the official TDM code does; "
-                   "this folder's model was trained differently. Use the right folder, or pass "
+                   "this folder's model was trained differently. Use the right folder, or (in Python) pass "
                    "check_scheduler=False to use the hard-coded schedule anyway.")
             if strict:
                 raise ValueError(msg)
@@ -524,9 +529,15 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         """The file's release (from its keys and shapes: unet.single_file_release; with a config folder, from its
         text-encoder keys) must be this teacher's; -> the VAE config (the folder's, or the release's)."""
         if config_folder:
-            cls.check_layout(config_folder)
             sdxl = any(k.startswith("conditioner.embedders.1.") for k in checkpoint_shapes(path))
             release = "sdxl" if sdxl else "sd15"
+            unet_config = os.path.join(config_folder, "unet", "config.json")
+            folder_sdxl = os.path.isfile(unet_config) and \
+                read_json(unet_config).get("addition_embed_type") == "text_time"
+            if folder_sdxl != sdxl:
+                raise ValueError(f"{path!r} is an {release.upper()} checkpoint but --weights-config {config_folder!r} "
+                                 f"describes the other release: pass the folder of a model like the file")
+            cls.check_layout(config_folder)
         else:
             release = single_file_release(path)              # "sd15" or "sdxl"; anything else raises
         if release != cls.NAME:
@@ -571,7 +582,7 @@ class SD15Teacher(StableDiffusionTeacher):
     CFG against the empty prompt's encoding."""
     NAME, EXAMPLE = "sd15", "e.g. a download of stable-diffusion-v1-5, or a single .safetensors of an SD1.5 model"
     # train.py's defaults: the paper's SD-v1.5 recipe (lr 2e-6 / 2e-5, CFG 3.5), except the batch: the paper's
-    # 256 needs a cluster; 32 fits one 80 GB GPU (docs/sd.md).
+    # 256 needs several GPUs; 32 is the single-GPU default (docs/sd.md: states computed, activations not measured).
     DEFAULTS = dict(cfg=3.5, lr_fake=2e-5, lr_ratio=10.0, batch=32, iters=3000, ema=0.0, save_every=500,
                     interval="separate", snr_clamp=5.0, device="auto", resolution=512)
     ENCODER_FOLDERS = ("text_encoder", "tokenizer")
@@ -600,7 +611,8 @@ class SDXLTeacher(StableDiffusionTeacher):
     (force_zeros_for_empty_prompt)."""
     NAME, EXAMPLE = "sdxl", "e.g. a download of stable-diffusion-xl-base-1.0, or a single .safetensors of an SDXL model"
     # train.py's defaults: the paper's SDXL recipe (lr 1e-6 / 5e-6, CFG 8; stage 1 at 512 px, then resume at
-    # --resolution 1024), except the batch: the paper's 64 needs several GPUs; 8 is the single-GPU default.
+    # --resolution 1024), except the batch: the paper's 64 needs several GPUs; 8 is the single-GPU default, with
+    # --lora (a full SDXL fine-tune holds 86 GiB of weight states: more than one GPU; docs/sd.md).
     DEFAULTS = dict(cfg=8.0, lr_fake=5e-6, lr_ratio=5.0, batch=8, iters=1000, ema=0.0, save_every=250,
                     interval="separate", snr_clamp=5.0, device="auto", resolution=512)
     SDXL = True

@@ -76,8 +76,8 @@ def parse_args(argv=None):
     g.add_argument("--iters", type=int, default=None,
                    help=f"total iterations, also when resuming ({_per_teacher('iters')})")
     g.add_argument("--resume", default=None, help="a run folder to continue from its ckpt.safetensors")
-    g.add_argument("--device", default=None, help="cpu | cuda | auto (cuda when available). Default: image teachers auto, "
-                   "the toy cpu (cuda pays off at large --batch, e.g. 16384)")
+    g.add_argument("--device", default=None, help="cpu | cuda | auto (cuda when available). Default: image teachers "
+                   "auto, the toy cpu (cuda pays off at large --batch, e.g. 16384)")
     g = p.add_argument_group("TDM (docs/method.md; defaults = official code unless noted)")
     g.add_argument("--steps", type=int, default=4, help="student steps K")
     g.add_argument("--unify", default="", help="TDM-unify: step counts to support, e.g. 1,2,4 (K drawn per batch)")
@@ -169,7 +169,7 @@ def check_args(p, args):
     if args.unify and args.lora:
         p.error("--unify needs a full fine-tune: the step-count embedding belongs to the student and the fake, "
                 "not to a shared LoRA base; drop --lora (or --unify)")
-    if points and (args.lora or args.weights or args.weights_config or args.resolution and not args.resume
+    if points and (args.lora or args.weights or (args.weights_config or args.resolution) and not args.resume
                    or args.precision in ("bf16", "fp16") or args.grad_checkpointing == "on"):
         p.error("--lora, --weights, --resolution, --precision bf16|fp16 and --grad-checkpointing on are for image "
                 "teachers (e.g. --teacher pixart); the toy MLP runs in full, in fp32")

@@ -535,7 +535,8 @@ def single_file_release(path):
         found = "a UNet where " + ", ".join(f"{k} is {unet.get(k)}, not {s}" for k, s in want.items()
                                            if unet.get(k) != s)
     raise ValueError(f"{path!r} holds {found}, not an SD1.5 or SDXL base UNet, the releases detected here; pass "
-                     "config= (a UNetConfig or a unet/config.json) to load another UNet of this family")
+                     "config= (a UNetConfig or a unet/config.json; train.py / sample.py: --weights-config FOLDER, the "
+                     "diffusers folder describing the file) to load another UNet of this family")
 
 
 #################################################################################

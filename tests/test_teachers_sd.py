@@ -185,7 +185,9 @@ def test_a_sd15_lora_plugs_into_another_sd15_model(folders):
     own_teacher, own, _ = S.load_run(run, device="cpu")
     other_teacher, moved, _ = S.load_run(run, device="cpu", weights=f["sd15_other"])
     assert other_teacher.weights == f["sd15_other"] and own_teacher.weights == f["sd15"]
-    assert all(torch.equal(a, b) for a, b in zip(own.state_dict().values(), moved.state_dict().values()))
+    own_sd, moved_sd = own.state_dict(), moved.state_dict()
+    assert own_sd.keys() == moved_sd.keys() and len(own_sd) > 0
+    assert all(torch.equal(own_sd[k], moved_sd[k]) for k in own_sd)
     x = torch.randn(2, *other_teacher.sample_shape, generator=torch.Generator().manual_seed(0))
     cond = other_teacher.encode(["a cat", "a dog"])
     on_other = S.student_sample(other_teacher, moved, x, cond, 4)
@@ -201,6 +203,11 @@ def test_a_sd15_lora_plugs_into_another_sd15_model(folders):
     tiny_sd_unet("sd15", 5, block_out_channels=(8, 16, 24)).save_pretrained(wide / "unet")
     with pytest.raises(ValueError, match="shape mismatches.*moves only to a model of its own architecture"):
         S.load_run(run, device="cpu", weights=str(wide))
+    with pytest.raises(ValueError, match="use --teacher sdxl .*moves only to a model of its own architecture"):
+        S.load_run(run, device="cpu", weights=f["sdxl"])                  # another release: named as such
+    full = _train(root, f["sd15"], prompts, "sd15", "full_not_for_transfer", "--iters", "1")
+    with pytest.raises(ValueError, match="is a full fine-tune"):
+        S.load_run(full, device="cpu", weights=f["sd15_other"])
 
 
 #################################################################################
@@ -269,11 +276,42 @@ def test_single_file_errors_name_the_problem(folders, files, tmp_path):
         with pytest.raises(ValueError, match=f"is an {other.upper()} checkpoint, not {style.upper()}: use --teacher "
                                              f"{other}"):
             load_teacher(style, skeleton, log=None)
-        with pytest.raises(ValueError, match=f"use --teacher {other}"):
+        with pytest.raises(ValueError, match=f"is an {other.upper()} checkpoint but --weights-config .* the other"):
             load_teacher(style, files[other], log=None, weights_config=f[style])
+        with pytest.raises(ValueError, match=f"holds an {other.upper().replace('SD15', 'SD1.x')} pipeline .* use "
+                                             f"--teacher {other}"):
+            load_teacher(style, files[other], log=None, weights_config=f[other])
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(open(files["sd15"], "rb").read()[:5000])
     with pytest.raises(ValueError, match="truncated"):
         load_teacher("sd15", str(truncated), log=None)
     with pytest.raises(ValueError, match="weights_config describes a single checkpoint file"):
         load_teacher("sd15", f["sd15"], log=None, weights_config=f["sd15"])
+    with pytest.raises(ValueError, match="is an SD15 checkpoint but --weights-config .* describes the other release"):
+        load_teacher("sdxl", files["sd15"], log=None, weights_config=f["sdxl"])
+    vpred = tmp_path / "vpred"                                     # the describing folder's scheduler is checked too
+    shutil.copytree(f["sd15"], vpred)
+    cfg = json.loads((vpred / "scheduler" / "scheduler_config.json").read_text())
+    (vpred / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "prediction_type": "v_prediction"}))
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
+        load_teacher("sd15", files["sd15"], log=None, weights_config=str(vpred))
+
+
+def test_a_real_size_single_file_with_the_release_configs_and_the_bundled_tokenizer(tmp_path):
+    """The default single-file path (no --weights-config): a file with every key of v1-5-pruned-emaonly at its
+    real shape (values zero) gives the SD1.5 teacher at 512 px, encoding with the bundled CLIP tokenizer."""
+    path = str(tmp_path / "v1-5.ckpt")
+    write_real_size_skeleton(path, "sd15")
+    teacher = load_teacher("sd15", path, device="cpu", log=None)
+    assert teacher.sample_shape == (4, 64, 64) and teacher.scaling_factor == 0.18215
+    assert teacher.encode(["a photo of a cat"]).shape == (1, 77, 768)
+    assert sum(p.numel() for p in teacher.network.parameters()) == 859_520_964
+
+
+def test_sdxl_from_network_has_its_zero_uncond():
+    net = tiny_sd_unet("sdxl")
+    from unet import UNet
+    ours = UNet(dict(net.config))
+    teacher = TEACHERS["sdxl"].from_network(ours)
+    context, pooled = teacher.uncond(2)
+    assert context.shape == (2, 77, 64) and pooled.shape == (2, 24) and not context.any() and not pooled.any()
