@@ -1,21 +1,23 @@
-"""CLIP text encoders (SD1.5's and SDXL's) and the CLIP BPE tokenizer, hand-written.
+"""CLIP, hand-written: the text encoders of SD1.5 and SDXL, and the whole models that score images (OpenAI ViT-L/14 for
+the CLIP score and the aesthetic predictor, OpenCLIP ViT-H/14 for HPSv2). The BPE tokenizer lives in
+clip_tokenizer.py; the image preprocessing and the LAION aesthetic predictor in clip_image.py.
 
-    config (CLIPTextConfig, release factories) -> layers -> CLIPTextModel -> tokenizer -> open_clip key mapping
-    -> load_clip_text
+    configs (CLIPTextConfig, CLIPVisionConfig, release factories) -> layers (one encoder layer: causal for text, full
+    for vision) -> CLIPTextModel, CLIPVisionModel, CLIPModel -> open_clip key mapping -> loaders (load_clip_text,
+    load_clip_vision, load_clip_model)
 
-Parameter names equal transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` state-dict keys; the tokenizer
-equals transformers' (slow) `CLIPTokenizer` called with padding="max_length", max_length=77, truncation=True, in its
-no-ftfy mode (see CLIPTokenizer). Original SD1.5 / SDXL single files load too: CLIP ViT-L under transformers' names,
-SDXL's bigG under open_clip's (fused q/k/v, x @ P projection), and, as they hold no tokenizer, the tokenizer from the
-CLIP BPE file shipped with this repository.
+Parameter names equal transformers' `CLIPTextModel(WithProjection)`, `CLIPVisionModelWithProjection` and `CLIPModel`
+state-dict keys, so their folders load as they are. Checkpoints in open_clip's names load too: SDXL's bigG text
+encoder inside SD single files, OpenCLIP ViT-H/14 files (open_clip_pytorch_model.bin / .safetensors) and the HPS v2 /
+v2.1 checkpoints that fine-tune it (fused q/k/v, x @ P projections); as they hold no tokenizer, theirs is built from
+the CLIP BPE file shipped with this repository.
 
 Which outputs the pipelines take: SD1.5 the `last_hidden_state` of CLIP ViT-L/14; SDXL the penultimate hidden state
-(before the final layer norm) of both encoders, concatenated, and the projected pooled output of OpenCLIP bigG.
+(before the final layer norm) of both encoders, concatenated, and the projected pooled output of OpenCLIP bigG. The
+image metrics take CLIPModel.encode_image / encode_text: the projected, un-normalised embeddings.
 """
-import gzip
 import os
 import re
-import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +25,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from clip_tokenizer import CLIPTokenizer
 from models import JSONConfig, build_and_load, checkpoint_shapes, read_json, read_state_dict
 
 
 #################################################################################
-#                          Config                                               #
+#                          Configs                                              #
 #################################################################################
+
+def _check_tower(c, model_type):
+    if c.model_type != model_type:
+        raise ValueError(f"model_type={c.model_type!r} is not implemented; {type(c).__name__} needs "
+                         f"model_type={model_type!r} (a full CLIPModel config: pass its "
+                         f"'{model_type.split('_')[1]}_config')")
+    if c.hidden_act not in _CLIP_ACTS:
+        raise ValueError(f"hidden_act={c.hidden_act!r} is not implemented; known: {sorted(_CLIP_ACTS)}")
+    if c.hidden_size % c.num_attention_heads:
+        raise ValueError(f"hidden_size={c.hidden_size} is not a multiple of "
+                         f"num_attention_heads={c.num_attention_heads}")
+
 
 @dataclass
 class CLIPTextConfig(JSONConfig):
@@ -50,14 +65,29 @@ class CLIPTextConfig(JSONConfig):
     model_type: str = "clip_text_model"
 
     def __post_init__(self):
-        if self.model_type != "clip_text_model":
-            raise ValueError(f"model_type={self.model_type!r} is not implemented; CLIPTextConfig needs "
-                             "model_type='clip_text_model' (a full CLIPModel config: pass its 'text_config')")
-        if self.hidden_act not in _CLIP_ACTS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not implemented; known: {sorted(_CLIP_ACTS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}")
+        _check_tower(self, "clip_text_model")
+
+
+@dataclass
+class CLIPVisionConfig(JSONConfig):
+    """The CLIP vision tower's hyper-parameters; names and defaults as in transformers' CLIPVisionConfig."""
+    STRICT = False
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    model_type: str = "clip_vision_model"
+
+    def __post_init__(self):
+        _check_tower(self, "clip_vision_model")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
 
 
 def clip_vit_l14_text_config():        # openai/clip-vit-large-patch14: SD1.5's text_encoder, SDXL's text_encoder
@@ -65,9 +95,24 @@ def clip_vit_l14_text_config():        # openai/clip-vit-large-patch14: SD1.5's 
                           bos_token_id=0, eos_token_id=2)
 
 
+def clip_vit_l14_vision_config():      # openai/clip-vit-large-patch14: CLIP score, the aesthetic predictor's features
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, projection_dim=768, num_hidden_layers=24,
+                            num_attention_heads=16, patch_size=14)
+
+
 def open_clip_bigg14_text_config():    # laion OpenCLIP ViT-bigG/14 text tower: SDXL's text_encoder_2
     return CLIPTextConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
                           num_attention_heads=20, hidden_act="gelu", bos_token_id=0, eos_token_id=2)
+
+
+def open_clip_vit_h14_text_config():   # laion OpenCLIP ViT-H/14 (laion2B-s32B-b79K; HPS v2 / v2.1 fine-tune it)
+    return CLIPTextConfig(hidden_size=1024, intermediate_size=4096, projection_dim=1024, num_hidden_layers=24,
+                          num_attention_heads=16, hidden_act="gelu", bos_token_id=0, eos_token_id=2)
+
+
+def open_clip_vit_h14_vision_config():
+    return CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
+                            num_attention_heads=16, patch_size=14, hidden_act="gelu")
 
 
 #################################################################################
@@ -82,16 +127,17 @@ _CLIP_ACTS = {"quick_gelu": quick_gelu, "gelu": F.gelu}     # gelu: exact (erf)
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with biased q/k/v/out projections, scaled by head_dim^-0.5."""
-    def __init__(self, dim, heads):
+    """Multi-head self-attention with biased q/k/v/out projections, scaled by head_dim^-0.5; causal (key j > query i
+    masked) in the text encoder, full in the vision tower."""
+    def __init__(self, dim, heads, causal):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x):
         q, k, v = (rearrange(f(x), "b l (h d) -> b h l d", h=self.heads)                # (B, H, L, d) each
                    for f in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # (B, H, L, d); key j > query i masked
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)            # (B, H, L, d)
         return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
@@ -106,10 +152,10 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LN block: x += attn(LN1(x)); x += mlp(LN2(x))."""
-    def __init__(self, c):
+    """Pre-LN block: x += attn(LN1(x)); x += mlp(LN2(x)). One class for both towers (causal: the text encoder)."""
+    def __init__(self, c, causal):
         super().__init__()
-        self.self_attn = CLIPAttention(c.hidden_size, c.num_attention_heads)
+        self.self_attn = CLIPAttention(c.hidden_size, c.num_attention_heads, causal)
         self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
@@ -119,256 +165,150 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPTextModel(nn.Module):
-    """CLIP text transformer: input_ids (B, L <= max_position_embeddings) -> dict of
+class CLIPEncoder(nn.Module):
+    def __init__(self, c, causal):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(c, causal) for _ in range(c.num_hidden_layers))
+
+    def forward(self, x):
+        """(B, L, D) -> (last layer's output, last layer's input = transformers' hidden_states[-2]), both (B, L, D)."""
+        penultimate = x
+        for layer in self.layers:
+            penultimate, x = x, layer(x)
+        return x, penultimate
+
+
+#################################################################################
+#                          Models                                               #
+#################################################################################
+
+class CLIPTextTransformer(nn.Module):
+    """transformers' `text_model`: input_ids (B, L <= max_position_embeddings) -> dict of
         last_hidden_state          (B, L, D)  last layer's output after final_layer_norm (SD1.5's context)
         penultimate_hidden_state   (B, L, D)  transformers' hidden_states[-2]: the second-to-last layer's output,
                                               without final_layer_norm (SDXL's context)
         pooler_output              (B, D)     last_hidden_state at the EOS position
-        text_embeds                (B, P)     pooler_output @ text_projection (with_projection only; SDXL's pooled)
-    The EOS position follows transformers: with the legacy config eos_token_id == 2 (the released SD configs) it is
-    argmax(input_ids), EOS 49407 being the largest id; otherwise the first position holding eos_token_id.
-    Without projection the keys are CLIPTextModel's, with it CLIPTextModelWithProjection's."""
-    def __init__(self, config, with_projection=False):
+    The EOS position follows transformers: with the legacy config eos_token_id == 2 (the released SD configs; open_clip
+    pools the same way) it is argmax(input_ids), EOS 49407 being the largest id; otherwise the first position holding
+    eos_token_id."""
+    def __init__(self, c):
         super().__init__()
-        c = self.config = config
-        self.with_projection = with_projection
-        self.text_model = nn.Module()                              # transformers names: text_model.{embeddings,...}
-        self.text_model.embeddings = nn.Module()
-        self.text_model.embeddings.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.text_model.embeddings.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.text_model.encoder = nn.Module()
-        self.text_model.encoder.layers = nn.ModuleList(CLIPEncoderLayer(c) for _ in range(c.num_hidden_layers))
-        self.text_model.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        if with_projection:
-            self.text_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False)
+        self.config = c
+        self.embeddings = nn.Module()
+        self.embeddings.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embeddings.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.encoder = CLIPEncoder(c, causal=True)
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, input_ids):
-        tm, L = self.text_model, input_ids.shape[1]
-        pos = torch.arange(L, device=input_ids.device)
-        x = tm.embeddings.token_embedding(input_ids) + tm.embeddings.position_embedding(pos)[None]   # (B, L, D)
-        penultimate = x                                            # hidden_states[-2] when there is a single layer
-        for i, layer in enumerate(tm.encoder.layers):
-            if i == len(tm.encoder.layers) - 1:
-                penultimate = x
-            x = layer(x)
-        last = tm.final_layer_norm(x)                              # (B, L, D)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding(pos)[None]   # (B, L, D)
+        x, penultimate = self.encoder(x)
+        last = self.final_layer_norm(x)                                       # (B, L, D)
         if self.config.eos_token_id == 2:
-            eos = input_ids.argmax(-1)                             # (B,) first occurrence of the largest id
+            eos = input_ids.argmax(-1)                                        # (B,) first occurrence of the largest id
         else:
             eos = (input_ids == self.config.eos_token_id).int().argmax(-1)   # (B,) first EOS
         pooled = last[torch.arange(last.shape[0], device=last.device), eos]  # (B, D)
-        out = dict(last_hidden_state=last, penultimate_hidden_state=penultimate, pooler_output=pooled)
+        return dict(last_hidden_state=last, penultimate_hidden_state=penultimate, pooler_output=pooled)
+
+
+class CLIPTextModel(nn.Module):
+    """The CLIP text encoder: CLIPTextTransformer's outputs, plus with_projection
+        text_embeds                (B, P)     pooler_output @ text_projection (SDXL's pooled; CLIP's text embedding)
+    Without projection the keys are CLIPTextModel's, with it CLIPTextModelWithProjection's."""
+    def __init__(self, config, with_projection=False):
+        super().__init__()
+        self.config, self.with_projection = config, with_projection
+        self.text_model = CLIPTextTransformer(config)                         # transformers names: text_model.*
+        if with_projection:
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, input_ids):
+        out = self.text_model(input_ids)
         if self.with_projection:
-            out["text_embeds"] = self.text_projection(pooled)      # (B, P)
+            out["text_embeds"] = self.text_projection(out["pooler_output"])  # (B, P)
         return out
 
 
-#################################################################################
-#                          CLIP tokenizer (byte-level BPE)                      #
-#################################################################################
+class CLIPVisionTransformer(nn.Module):
+    """transformers' `vision_model` (a ViT): pixel_values (B, C, S, S), S = image_size, normalised -> dict of
+        last_hidden_state   (B, 1 + (S/p)^2, D)  the encoder's output: class token first, then the patches row-major
+        pooler_output       (B, D)               post_layernorm of the class token
+    Patches: a stride-p convolution without bias; + class embedding and learnt positions; pre_layrnorm (transformers'
+    spelling) before the (non-causal) encoder."""
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.embeddings = nn.Module()
+        self.embeddings.class_embedding = nn.Parameter(torch.zeros(c.hidden_size))
+        self.embeddings.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size,
+                                                    bias=False)
+        self.embeddings.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.encoder = CLIPEncoder(c, causal=False)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-def bytes_to_unicode():
-    """GPT-2's reversible map of the 256 bytes to printable characters (printable Latin-1 bytes map to themselves,
-    the others to chr(256 + n))."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def _char_class(ch):
-    """'L' letter, 'N' number (Unicode categories L*, N*), ' ' whitespace, 'O' anything else."""
-    cat = unicodedata.category(ch)[0]
-    return cat if cat in "LN" else " " if ch.isspace() else "O"
-
-
-def pre_tokenize(text):
-    """CLIP's split pattern
-    `<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+` (IGNORECASE),
-    written as a scan over unicodedata categories: exact \\p{L} / \\p{N} without the `regex` module
-    (plain `re` has no Unicode category classes: [^\\W\\d_] would also take No/Nl numbers such as '²' as letters)."""
-    words, i, n = [], 0, len(text)
-    while i < n:
-        lower = text[i:i + 3].lower().replace("ſ", "s")            # IGNORECASE: regex case-folds "ſ" to "s"
-        hit = next((s for s in _SPECIALS if text.startswith(s, i)), None) or \
-            next((s for s in _CONTRACTIONS if lower.startswith(s)), None)
-        kind = _char_class(text[i])
-        if hit:
-            j = i + len(hit)
-        elif kind == " ":
-            i += 1
-            continue
-        elif kind == "N":                                          # one digit per word
-            j = i + 1
-        else:                                                      # a run of letters, or of other symbols
-            j = i + 1
-            while j < n and _char_class(text[j]) == kind:
-                j += 1
-        words.append(text[i:j])
-        i = j
-    return words
+    def forward(self, pixel_values):
+        e, S = self.embeddings, self.config.image_size
+        if tuple(pixel_values.shape[-2:]) != (S, S):
+            raise ValueError(f"CLIP vision tower: images of {S}x{S} expected, got {tuple(pixel_values.shape[-2:])}; "
+                             "preprocess them with clip_preprocess")
+        patches = e.patch_embedding(pixel_values.to(e.patch_embedding.weight.dtype))        # (B, D, S/p, S/p)
+        patches = rearrange(patches, "b d h w -> b (h w) d")
+        cls = e.class_embedding.expand(patches.shape[0], 1, -1)                             # (B, 1, D)
+        x = torch.cat([cls, patches], 1) + e.position_embedding.weight[None]                # (B, 1 + N, D)
+        x, _ = self.encoder(self.pre_layrnorm(x))
+        return dict(last_hidden_state=x, pooler_output=self.post_layernorm(x[:, 0]))
 
 
-def basic_clean(text):
-    """transformers' CLIPTokenizer text clean-up without ftfy (its BasicTokenizer(strip_accents=False,
-    do_split_on_punc=False)): drop NUL, U+FFFD and control/format characters, whitespace -> " ", spaces around CJK
-    ideographs, NFC, lower-case per word, words joined by single spaces."""
-    out = []
-    for ch in text:
-        if ord(ch) in (0, 0xFFFD) or ch not in "\t\n\r" and unicodedata.category(ch).startswith("C"):
-            continue
-        elif ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
-            out.append(" ")
-        elif _is_cjk(ord(ch)):
-            out.append(f" {ch} ")
-        else:
-            out.append(ch)
-    return " ".join(w.lower() for w in unicodedata.normalize("NFC", "".join(out)).split())
+class CLIPVisionModel(nn.Module):
+    """The CLIP vision tower with its projection (transformers' CLIPVisionModelWithProjection keys): the outputs of
+    CLIPVisionTransformer, plus image_embeds (B, P) = pooler_output @ visual_projection, un-normalised."""
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, pixel_values):
+        out = self.vision_model(pixel_values)
+        out["image_embeds"] = self.visual_projection(out["pooler_output"])   # (B, P)
+        return out
 
 
-def _is_cjk(cp):
-    return any(a <= cp <= b for a, b in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-                                         (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+class CLIPModel(nn.Module):
+    """Both towers (transformers' CLIPModel keys: text_model.*, vision_model.*, text_projection, visual_projection,
+    logit_scale) and the tokenizer of the checkpoint (`tokenizer`, a clip_tokenizer.CLIPTokenizer: prompts ->
+    input_ids). encode_image / encode_text give the projected, un-normalised embeddings (B, projection_dim);
+    exp(logit_scale) is CLIP's learnt inverse temperature."""
+    def __init__(self, text_config, vision_config, tokenizer=None):
+        super().__init__()
+        if text_config.projection_dim != vision_config.projection_dim:
+            raise ValueError(f"text projection_dim={text_config.projection_dim} != vision projection_dim="
+                             f"{vision_config.projection_dim}: one CLIP embedding space needs one size")
+        self.text_config, self.vision_config, self.tokenizer = text_config, vision_config, tokenizer
+        self.text_model = CLIPTextTransformer(text_config)
+        self.vision_model = CLIPVisionTransformer(vision_config)
+        self.text_projection = nn.Linear(text_config.hidden_size, text_config.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(vision_config.hidden_size, vision_config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))                # log(1 / 0.07), as transformers
 
+    @property
+    def projection_dim(self):
+        return self.text_config.projection_dim
 
-# CLIP's BPE merges as openai ships them (`bpe_simple_vocab_16e6.txt.gz`, MIT; this copy from open_clip 3.3.0): the
-# tokenizer of single-file checkpoints, which hold none.
-BPE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_bpe_simple_vocab_16e6.txt.gz")
+    def encode_image(self, pixel_values):
+        """pixel_values (B, 3, S, S), as clip_preprocess gives them -> image embeddings (B, P)."""
+        return self.visual_projection(self.vision_model(pixel_values)["pooler_output"])
 
-
-def read_bpe_file(path=BPE_FILE):
-    """(vocab, merges) from CLIP's gzipped merges file (a header line, then one "a b" merge per line), in the order
-    of openai's simple_tokenizer and transformers' vocab.json: the 256 byte symbols, the same with "</w>", the results
-    of the first 48,894 merges, then <|startoftext|> and <|endoftext|>: 49,408 ids."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")[1:49152 - 256 - 2 + 1]            # skip the header; transformers' slice
-    merges = [tuple(line.split()) for line in lines]
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(_SPECIALS)
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-class CLIPTokenizer:
-    """CLIP tokenizer on vocab.json + merges.txt: [BOS] + BPE ids[:max_length - 2] + [EOS], right-padded with the
-    folder's pad token (<|endoftext|> for SD's tokenizer/, "!" (id 0) for SDXL's tokenizer_2/). Equal to transformers'
-    slow CLIPTokenizer without ftfy installed (its default here). Special tokens — BOS, EOS, UNK, PAD and the
-    folder's added tokens — are split out of the text before BPE, so with SDXL's tokenizer_2 every literal "!" becomes
-    id 0 (transformers' quirk, which differs from open_clip's tokenizer on "!!")."""
-    def __init__(self, vocab, merges, max_length=77, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                 pad_token="<|endoftext|>", unk_token="<|endoftext|>", added_tokens=None):
-        self.vocab, self.max_length = vocab, max_length
-        self.ranks = {pair: r for r, pair in enumerate(merges)}
-        self.byte_encoder = bytes_to_unicode()
-        names = dict(bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token)
-        missing = {k: v for k, v in names.items() if v not in vocab and v not in (added_tokens or {})}
-        if missing:
-            raise ValueError(f"special token(s) {missing} are not in vocab.json; is this a CLIP tokenizer folder?")
-        self.specials = {t: (vocab[t], False, False) for t in names.values() if t in vocab}
-        self.specials.update(added_tokens or {})                  # content -> (id, lstrip, rstrip)
-        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (self.specials[t][0] for t in names.values())
-        self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))) + ")")
-        self.cache = {s: [s] for s in _SPECIALS}
-
-    @classmethod
-    def from_bpe_file(cls, path=None, pad_token="<|endoftext|>", max_length=77):
-        """The tokenizer from CLIP's merges file (default: this repository's copy, BPE_FILE), for single-file
-        checkpoints. pad_token: "<|endoftext|>" as SD1.5's and SDXL's tokenizer/, "!" (id 0) as SDXL's tokenizer_2/,
-        whose special_tokens_map.json makes "!" a special token (see the class docstring)."""
-        vocab, merges = read_bpe_file(path or BPE_FILE)
-        return cls(vocab, merges, max_length, pad_token=pad_token)
-
-    @classmethod
-    def from_folder(cls, folder, max_length=None):
-        """Read vocab.json and merges.txt (or the `tokenizers` file tokenizer.json holding both, as transformers 5
-        saves a folder), and the optional tokenizer_config.json / special_tokens_map.json."""
-        has = lambda name: os.path.isfile(os.path.join(folder, name))     # noqa: E731
-        if has("vocab.json") and has("merges.txt"):
-            vocab = read_json(os.path.join(folder, "vocab.json"))
-            with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-                lines = f.read().strip().split("\n")[1:49152 - 256 - 2 + 1]   # skip "#version"; transformers' slice
-            merges = [tuple(line.split()) for line in lines]
-        elif has("tokenizer.json"):
-            model = read_json(os.path.join(folder, "tokenizer.json")).get("model", {})
-            if model.get("type") != "BPE":
-                raise ValueError(f"{folder!r}/tokenizer.json holds a {model.get('type')!r} model, not CLIP's BPE")
-            vocab = model["vocab"]
-            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        else:
-            raise FileNotFoundError(f"no vocab.json + merges.txt (or tokenizer.json) in {folder!r}: pass a pipeline's "
-                                    "tokenizer/ or tokenizer_2/, or the CLIP model folder")
-
-        def read(name):
-            path = os.path.join(folder, name)
-            return read_json(path) if os.path.isfile(path) else {}
-        cfg = {**read("special_tokens_map.json"), **read("tokenizer_config.json")}
-        names = {k: (v["content"] if isinstance(v, dict) else v) for k, v in cfg.items()
-                 if k in ("bos_token", "eos_token", "pad_token", "unk_token") and v is not None}
-        added = {t["content"]: (int(i), t.get("lstrip", False), t.get("rstrip", False))
-                 for i, t in cfg.get("added_tokens_decoder", {}).items()}
-        length = cfg.get("model_max_length", 77)
-        max_length = max_length or (length if isinstance(length, int) and length <= 10 ** 6 else 77)
-        return cls(vocab, merges, max_length, added_tokens=added, **names)
-
-    def bpe(self, word):
-        """BPE of one pre-token (already mapped through bytes_to_unicode) -> list of vocab strings."""
-        if word in self.cache:
-            return self.cache[word]
-        parts = list(word[:-1]) + [word[-1] + "</w>"]              # end of word marked on the last symbol
-        while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):                                  # merge every occurrence, left to right
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        self.cache[word] = parts
-        return parts
-
-    def _encode_text(self, text):
-        """ids of text holding no special token."""
-        ids = []
-        for word in pre_tokenize(basic_clean(text)):
-            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids += [self.vocab.get(piece, self.unk_id) for piece in self.bpe(word)]
-        return ids
-
-    def encode_one(self, text):
-        """[BOS] + ids[:max_length - 2] + [EOS] of one prompt (no padding)."""
-        parts = self._split.split(text)                            # odd entries are special-token strings
-        for i in range(1, len(parts), 2):
-            _, lstrip, rstrip = self.specials[parts[i]]
-            parts[i - 1] = parts[i - 1].rstrip() if lstrip else parts[i - 1]
-            parts[i + 1] = parts[i + 1].lstrip() if rstrip else parts[i + 1]
-        ids = sum(([self.specials[p][0]] if i % 2 else self._encode_text(p) for i, p in enumerate(parts)), [])
-        return [self.bos_id] + ids[:self.max_length - 2] + [self.eos_id]
-
-    def __call__(self, prompts):
-        """prompts (str or list of B str) -> input_ids (B, max_length) long."""
-        rows = [self.encode_one(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
-        ids = torch.full((len(rows), self.max_length), self.pad_id, dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, :len(row)] = torch.tensor(row)
-        return ids
+    def encode_text(self, input_ids):
+        """input_ids (B, L), as self.tokenizer gives them -> text embeddings (B, P)."""
+        return self.text_projection(self.text_model(input_ids)["pooler_output"])
 
 
 #################################################################################
-#                          open_clip key mapping (SDXL single files)            #
+#                          open_clip key mapping                                #
 #################################################################################
 
 # Where original single files keep the text encoders: which=1, CLIP ViT-L/14 under transformers' names, in SD1.5 and
@@ -377,6 +317,7 @@ SINGLE_FILE_PREFIXES = {1: ("cond_stage_model.transformer.", "conditioner.embedd
                         2: ("conditioner.embedders.1.model.",)}
 SINGLE_FILE_PAD = {1: "<|endoftext|>", 2: "!"}         # the pad tokens of SD's tokenizer/ and SDXL's tokenizer_2/
 _IGNORED = ("text_model.embeddings.position_ids", "logit_scale")   # a buffer; CLIP's contrastive temperature
+_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")   # in older saved files
 _OPEN_CLIP_TOP = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
                   "positional_embedding": "text_model.embeddings.position_embedding.weight",
                   "ln_final.weight": "text_model.final_layer_norm.weight",
@@ -436,9 +377,144 @@ def clip_state_dict_to_open_clip(sd):
     return out
 
 
+_OPEN_CLIP_VISION_TOP = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding":
+                         "embeddings.class_embedding", "positional_embedding": "embeddings.position_embedding.weight",
+                         "ln_pre.weight": "pre_layrnorm.weight", "ln_pre.bias": "pre_layrnorm.bias",
+                         "ln_post.weight": "post_layernorm.weight", "ln_post.bias": "post_layernorm.bias"}
+
+
+def clip_model_state_dict_from_open_clip(sd):
+    """A whole open_clip CLIP (ViT) state dict, as open_clip_pytorch_model.bin and the HPS checkpoints hold it ->
+    transformers CLIPModel keys. The text side (and logit_scale) by clip_state_dict_from_open_clip; the vision side
+    `visual.*`: conv1 -> the patch embedding, ln_pre / ln_post -> pre_layrnorm / post_layernorm, its resblocks as the
+    text's (fused q/k/v split), proj (applied as x @ proj) -> visual_projection.weight = projᵀ. Keys no rule covers
+    keep their name, so a load error names them."""
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    blocks = {k: v for k, v in visual.items() if k.startswith("transformer.resblocks.")}
+    out = {("vision_model." + k[len("text_model."):] if k.startswith("text_model.") else "visual." + k): v
+           for k, v in clip_state_dict_from_open_clip(blocks).items()}
+    for k, v in visual.items():
+        if k == "proj":
+            out["visual_projection.weight"] = v.t().contiguous()                # (D, P) -> weight (P, D)
+        elif k in _OPEN_CLIP_VISION_TOP:
+            out["vision_model." + _OPEN_CLIP_VISION_TOP[k]] = v
+        elif k not in blocks:
+            out["visual." + k] = v
+    out.update(clip_state_dict_from_open_clip({k: v for k, v in sd.items() if not k.startswith("visual.")}))
+    return out
+
+
 #################################################################################
-#                          Loader                                               #
+#                          Loaders                                              #
 #################################################################################
+
+_VISION_KEYS = ("vision_model.", "visual_projection.")
+# open_clip architectures told apart by their shapes alone (heads and activation are not in the weights)
+OPEN_CLIP_RELEASES = {"ViT-H-14": (open_clip_vit_h14_text_config, open_clip_vit_h14_vision_config)}
+
+
+def clip_configs(raw, source):
+    """(text config or None, vision config or None) of a transformers config.json dict: a CLIPModel's (model_type
+    'clip': text_config and vision_config, both with the top-level projection_dim, as CLIPModel uses it; older files
+    such as openai/clip-vit-large-patch14 also hold text_config_dict / vision_config_dict, which win, as in
+    transformers), a CLIPVisionModel(WithProjection)'s or a CLIPTextModel(WithProjection)'s."""
+    if raw.get("model_type") == "clip":
+        text, vision = ({"model_type": f"clip_{t}_model", **(raw.get(f"{t}_config") or {}),
+                         **(raw.get(f"{t}_config_dict") or {})} for t in ("text", "vision"))
+        text, vision = CLIPTextConfig.from_json(text, source), CLIPVisionConfig.from_json(vision, source)
+        if "projection_dim" in raw:
+            text.projection_dim = vision.projection_dim = raw["projection_dim"]
+        return text, vision
+    if raw.get("model_type") == "clip_vision_model":
+        return None, CLIPVisionConfig.from_json(raw, source)
+    return CLIPTextConfig.from_json(raw, source), None             # raises on another model_type
+
+
+def clip_configs_from_open_clip(model_cfg, source):
+    """(text config, vision config) of an open_clip model config: its model_configs/<name>.json, or the 'model_cfg' of
+    the open_clip_config.json hub repositories ship beside the weights; open_clip's defaults for missing keys. Keys
+    of other architectures (timm or HF towers, attentional pooling, ...) raise."""
+    vis, txt = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    known = {"model_cfg": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"},
+             "vision_cfg": {"image_size", "layers", "width", "head_width", "patch_size", "mlp_ratio", "patch_dropout"},
+             "text_cfg": {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}}
+    for name, d in (("model_cfg", model_cfg), ("vision_cfg", vis), ("text_cfg", txt)):
+        if set(d) - known[name]:
+            raise ValueError(f"{source}: open_clip {name} key(s) {sorted(set(d) - known[name])} are not implemented; "
+                             f"a plain ViT CLIP has only {sorted(known[name])}")
+    act, proj = ("quick_gelu" if model_cfg.get("quick_gelu") else "gelu"), model_cfg["embed_dim"]
+    width, t_width = vis.get("width", 768), txt.get("width", 512)
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=int(width * vis.get("mlp_ratio", 4.0)),
+                              projection_dim=proj, num_hidden_layers=vis.get("layers", 12),
+                              num_attention_heads=width // vis.get("head_width", 64),
+                              image_size=vis.get("image_size", 224), patch_size=vis.get("patch_size", 16),
+                              hidden_act=act)
+    text = CLIPTextConfig(vocab_size=txt.get("vocab_size", 49408), hidden_size=t_width,
+                          intermediate_size=int(t_width * txt.get("mlp_ratio", 4.0)), projection_dim=proj,
+                          num_hidden_layers=txt.get("layers", 12), num_attention_heads=txt.get("heads", 8),
+                          max_position_embeddings=txt.get("context_length", 77), hidden_act=act, bos_token_id=0,
+                          eos_token_id=2)                          # eos 2: pool at argmax(ids), as open_clip
+    return text, vision
+
+
+def _open_clip_configs(sd, path):
+    """(text config, vision config, how they were found) of an open_clip checkpoint (sd: in transformers keys): from
+    the open_clip_config.json beside the file, else by matching its shapes to OPEN_CLIP_RELEASES."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
+    if os.path.isfile(beside):
+        raw = read_json(beside)
+        return (*clip_configs_from_open_clip(raw.get("model_cfg", raw), beside), "open_clip_config.json beside it")
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    towers = {k.split(".")[0] for k in shapes}
+    for name, (text, vision) in OPEN_CLIP_RELEASES.items():
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in CLIPModel(text(), vision()).state_dict().items()
+                    if k.split(".")[0] in towers}
+        if {k: shapes.get(k) for k in want} == want:
+            return text(), vision(), f"{name}, told by its shapes"
+
+    def tower(name, embedding, dim):
+        s = shapes.get(f"{name}_model.embeddings.{embedding}.weight")
+        n = len({k.split(".")[3] for k in shapes if k.startswith(f"{name}_model.encoder.layers.")})
+        return f"{name} width {s[dim]}, {n} layers" if s else f"no {name} tower"
+    raise ValueError(f"{path!r} holds an open_clip model with {tower('vision', 'patch_embedding', 0)} and "
+                     f"{tower('text', 'token_embedding', 1)}: not an architecture known by its shapes "
+                     f"({', '.join(OPEN_CLIP_RELEASES)}); put the model's open_clip_config.json (from its hub "
+                     "repository) beside the file")
+
+
+def _read_clip(path, vision_only=False):
+    """(text config or None, vision config or None, state dict in transformers CLIPModel keys, where, is open_clip)
+    of a transformers CLIP folder or an open_clip checkpoint file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in {path!r}: pass a transformers CLIPModel (or "
+                                    "CLIPVisionModelWithProjection) folder, or an OpenCLIP / HPS checkpoint file")
+        text, vision = clip_configs(read_json(config_path), config_path)
+        weights = next((os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")   # laion's repos
+                        if os.path.isfile(os.path.join(path, f))), path)   # also hold open_clip's files
+        sd = {k: v for k, v in read_state_dict(weights).items() if k not in _BUFFERS}
+        return text, vision, sd, f"CLIP in {path!r}", False
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP checkpoint {path!r} does not exist; pass a transformers CLIPModel folder (e.g. "
+                                "clip-vit-large-patch14), open_clip_pytorch_model.bin or an HPS v2 / v2.1 .pt file")
+    sd = read_state_dict(path)                                     # HPS: the file's 'state_dict'
+    if sd and all(k.startswith("module.") for k in sd):           # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if not any(k.startswith("visual.") for k in sd):
+        hf = any(k.startswith(("text_model.", "vision_model.")) for k in sd)
+        raise ValueError(f"{path!r} is not an open_clip CLIP checkpoint (no visual.* keys): it holds "
+                         + ("a transformers CLIP state dict; pass the folder holding it and its config.json" if hf
+                            else f"keys like {sorted(sd)[:3]}; expected open_clip_pytorch_model.bin / .safetensors "
+                                 "or HPS_v2(.1)_compressed.pt"))
+    if vision_only:
+        sd = {k: v for k, v in sd.items() if k.startswith("visual.")}
+    sd = clip_model_state_dict_from_open_clip(sd)
+    text, vision, how = _open_clip_configs(sd, path)
+    return text, vision, sd, f"open_clip CLIP in {path!r} ({how})", True
+
 
 def _layout(path, which):
     """(encoder folder, tokenizer folder) of a pipeline folder, its text_encoder*/ folder or a CLIP model folder."""
@@ -469,14 +545,12 @@ def _from_folder(path, which, tokenizer_path):
     if not os.path.isfile(os.path.join(enc_dir, "config.json")):
         raise FileNotFoundError(f"no config.json in {enc_dir!r}: the CLIP text config is needed to build the model")
     tokenizer = CLIPTokenizer.from_folder(tokenizer_path or tok_dir)   # raises first without vocab.json / merges.txt
-    raw = read_json(os.path.join(enc_dir, "config.json"))
-    full = raw.get("model_type") == "clip" and "text_config" in raw
-    config = CLIPTextConfig.from_json(raw["text_config"] if full else raw, os.path.join(enc_dir, "config.json"))
-    if full and "projection_dim" in raw:                           # CLIPModel: the projection size is top-level
-        config.projection_dim = raw["projection_dim"]
-    sd = read_state_dict(enc_dir)
-    if full:                                                       # a full CLIPModel: its text tower
-        sd = {k: v for k, v in sd.items() if not k.startswith(("vision_model.", "visual_projection.", "logit_scale"))}
+    config, vision = clip_configs(read_json(os.path.join(enc_dir, "config.json")), os.path.join(enc_dir, "config.json"))
+    if config is None:
+        raise ValueError(f"{enc_dir!r} holds a CLIP vision model (config.json model_type 'clip_vision_model'): "
+                         "load_clip_text needs a text encoder; load_clip_vision reads this one")
+    sd = read_state_dict(enc_dir)                                  # a full CLIPModel: its text tower
+    sd = {k: v for k, v in sd.items() if not k.startswith(_VISION_KEYS + ("logit_scale",))}
     return tokenizer, config, sd, f"CLIP text encoder in {enc_dir!r}"
 
 
@@ -532,3 +606,45 @@ def load_clip_text(path, with_projection=None, dtype=None, which=1, tokenizer_pa
         sd.pop("text_projection.weight", None)
     encoder = build_and_load(lambda: CLIPTextModel(config, with_projection), sd, where, dtype)
     return tokenizer, encoder
+
+
+def load_clip_vision(path, dtype=None):
+    """The CLIP vision tower with its projection (CLIPVisionModel: pixel_values -> image_embeds) from a transformers
+    CLIPModel folder (config.json with vision_config; e.g. openai/clip-vit-large-patch14), a
+    CLIPVisionModelWithProjection folder, or an open_clip file (OpenCLIP ViT-H/14, HPS; see load_clip_model).
+    dtype: cast the weights (e.g. torch.float16). Frozen, in eval mode."""
+    _, vision, sd, where, _ = _read_clip(path, vision_only=True)
+    if vision is None:
+        raise ValueError(f"{where} is a CLIP text model (config.json model_type 'clip_text_model'): load_clip_vision "
+                         "needs a CLIPModel folder (config.json with vision_config), a CLIPVisionModelWithProjection "
+                         "folder or an OpenCLIP / HPS file; load_clip_text reads this one")
+    sd = {k: v for k, v in sd.items() if k.startswith(_VISION_KEYS)}
+    if "visual_projection.weight" not in sd:
+        raise ValueError(f"{where} holds no visual_projection.weight (a CLIPVisionModel without its projection): "
+                         "image embeddings need it; pass the CLIPModel or CLIPVisionModelWithProjection folder")
+    return build_and_load(lambda: CLIPVisionModel(vision), sd, f"{where}, vision tower", dtype)
+
+
+def load_clip_model(path, dtype=None, tokenizer_path=None):
+    """A whole CLIP (CLIPModel: encode_image, encode_text, tokenizer, logit_scale), frozen, in eval mode, from
+      - a transformers CLIPModel folder: config.json, model.safetensors or pytorch_model.bin, vocab.json + merges.txt
+        (openai/clip-vit-large-patch14, laion/CLIP-ViT-H-14-laion2B-s32B-b79K); the tokenizer from the folder;
+      - an open_clip file: open_clip_pytorch_model.bin / .safetensors (laion/CLIP-ViT-H-14-laion2B-s32B-b79K) or an
+        HPS v2 / v2.1 checkpoint (HPS_v2_compressed.pt, HPS_v2.1_compressed.pt: {'state_dict': that model's state
+        dict}); the architecture from the open_clip_config.json beside it, else from its shapes (OPEN_CLIP_RELEASES:
+        ViT-H/14); open_clip's tokenizer, CLIPTokenizer.open_clip().
+    tokenizer_path: a tokenizer folder (vocab.json + merges.txt) to use instead. dtype: cast the weights."""
+    text, vision, sd, where, is_open_clip = _read_clip(path)
+    if text is None or vision is None:
+        has, use = ("vision", "load_clip_vision") if text is None else ("text", "load_clip_text")
+        raise ValueError(f"{where} holds only a CLIP {has} tower: load_clip_model needs both (a CLIPModel folder or "
+                         f"an OpenCLIP / HPS file); {use} reads this one")
+    tokenizer = (CLIPTokenizer.from_folder(tokenizer_path) if tokenizer_path else
+                 CLIPTokenizer.open_clip() if is_open_clip else CLIPTokenizer.from_folder(path))
+    n_ids = max(tokenizer.vocab.values()) + 1
+    if n_ids > text.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {n_ids} ids but the text tower embeds {text.vocab_size}; pass "
+                         "the model's own tokenizer folder as tokenizer_path")
+    model = build_and_load(lambda: CLIPModel(text, vision), sd, where, dtype)
+    model.tokenizer = tokenizer
+    return model

@@ -4,10 +4,13 @@
     t5.py       the T5 v1.1 encoder and its sentencepiece tokenizer, `load_t5`
     vae.py      the SD VAE (AutoencoderKL), `load_vae`
     unet.py     the SD1.5 / SDXL UNet (UNet2DConditionModel), `load_unet`
-    clip.py     the CLIP text encoders (ViT-L/14, OpenCLIP bigG/14) and the CLIP BPE tokenizer, `load_clip_text`
+    clip.py     CLIP: the text encoders (ViT-L/14, OpenCLIP bigG/14), the vision tower and whole models (OpenAI
+                ViT-L/14, OpenCLIP ViT-H/14, HPS v2), image preprocessing, the LAION aesthetic MLP; `load_clip_text`,
+                `load_clip_vision`, `load_clip_model`, `load_aesthetic`
+    clip_tokenizer.py   the CLIP BPE tokenizer (transformers' and open_clip's variants)
 
 Each family file reads config -> layers -> model -> key mapping of other checkpoint formats -> `load_*`,
-and imports only this file. This file holds:
+and imports only this file (clip.py also clip_tokenizer.py). This file holds:
 
   - configs: `JSONConfig`, the base of every network config (fields = the config.json keys);
   - weights: reading single, sharded and legacy checkpoints (or one component of a single file, by key prefix, or

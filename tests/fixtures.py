@@ -18,6 +18,10 @@ One writer per family, each returning the folder it wrote (as str), deterministi
     tiny_sd_and_single_files   a tiny pipeline and its .safetensors and .ckpt single files
     write_bpe_tokenizer  a CLIP tokenizer folder with the real 49,408-id vocabulary, from the repository's BPE file
     write_real_size_skeleton  every key of a real SD1.5 / SDXL single file at its real shape, values one shared zero
+    write_tiny_clip_model  a transformers CLIPModel folder (both towers) with its tokenizer: CLIP score, aesthetic
+    write_tiny_open_clip   a CLIP as open_clip saves it (open_clip_pytorch_model.bin / .safetensors, or an HPS .pt),
+                           open_clip_config.json beside it; clip_model_to_open_clip: the key mapping it uses
+    write_tiny_aesthetic   the LAION aesthetic predictor's .pth (PublishedAestheticMLP: the published architecture)
 
 The tokenizer folder is written without transformers: the sentencepiece model comes from the `sentencepiece`
 trainer and the json files are the ones transformers' T5Tokenizer.save_pretrained writes (4.x), so the reference
@@ -288,7 +292,7 @@ def write_clip_tokenizer(folder, pad="<|endoftext|>"):
     """A CLIP tokenizer folder in the layout of SD1.5's tokenizer/ (pad <|endoftext|>) or SDXL's tokenizer_2/
     (pad "!"): vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
     os.makedirs(folder, exist_ok=True)
-    from clip import bytes_to_unicode
+    from clip_tokenizer import bytes_to_unicode
     symbols = list(bytes_to_unicode().values())
     merges = learn_merges(CLIP_CORPUS)
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + \
@@ -603,7 +607,7 @@ def write_bpe_tokenizer(folder, pad="<|endoftext|>"):
     try:                                                       # the reference's byte map, where transformers has it
         from transformers.models.clip.tokenization_clip import bytes_to_unicode
     except ImportError:
-        from clip import bytes_to_unicode
+        from clip_tokenizer import bytes_to_unicode
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with gzip.open(os.path.join(root, "clip_bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
@@ -664,3 +668,121 @@ def write_real_size_skeleton(path, style, change=None):
     zero = torch.zeros((), dtype=torch.float16)
     torch.save({"state_dict": {k: zero.expand(tuple(s)) for k, s in shapes.items()}}, os.fspath(path))
     return {k: tuple(s) for k, s in shapes.items()}
+
+
+#################################################################################
+#                          CLIP models that score images (eval)                 #
+#################################################################################
+# The layouts users download: a transformers CLIPModel folder (openai/clip-vit-large-patch14), an open_clip file
+# (open_clip_pytorch_model.bin of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, HPS_v2(.1)_compressed.pt = {'state_dict': the
+# same keys}) and the LAION aesthetic predictor's .pth. The open_clip files are written from a transformers CLIPModel
+# by clip_model_to_open_clip, independently of clip.py's mapping; tests/test_clip_vision.py checks both against
+# open_clip itself where it is installed.
+
+CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+                   patch_size=32)                                   # 224 px as the real ones: 7 x 7 patches
+CLIP_PROJECTION = 24
+
+
+def tiny_clip_model_config(vocab_size, act="quick_gelu", eos=2):
+    """A tiny transformers CLIPConfig: the tiny text tower (CLIP, bos 0 and the legacy eos 2 by default, as the
+    releases), a 224 px vision tower with 32 px patches, both projected to CLIP_PROJECTION."""
+    import transformers
+    return transformers.CLIPConfig(text_config=clip_text_config(vocab_size, act, eos).to_dict(),
+                                   vision_config=dict(CLIP_VISION, hidden_act=act), projection_dim=CLIP_PROJECTION)
+
+
+def write_tiny_clip_model(folder, act="quick_gelu", eos=2, seed=0, real_vocab=False):
+    """A random transformers CLIPModel saved into `folder` with a CLIP tokenizer beside it (write_clip_tokenizer, or
+    the real 49,408-id one with real_vocab), as openai/clip-vit-large-patch14 is laid out. Returns the module."""
+    import transformers
+    folder = os.fspath(folder)
+    (write_bpe_tokenizer if real_vocab else write_clip_tokenizer)(folder)
+    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    config = tiny_clip_model_config(len(vocab), act, vocab["<|endoftext|>"] if eos is None else eos)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = randomize(transformers.CLIPModel(config), seed, std=0.3, around_init=True)
+    model.save_pretrained(folder)
+    return model
+
+
+OPEN_CLIP_VISION = {"conv1.weight": "embeddings.patch_embedding.weight",
+                    "class_embedding": "embeddings.class_embedding",
+                    "positional_embedding": "embeddings.position_embedding.weight",
+                    "ln_pre.weight": "pre_layrnorm.weight", "ln_pre.bias": "pre_layrnorm.bias",
+                    "ln_post.weight": "post_layernorm.weight", "ln_post.bias": "post_layernorm.bias"}
+
+
+def clip_model_to_open_clip(sd):
+    """transformers CLIPModel keys -> open_clip's CLIP: the text tower by clip_to_open_clip; visual.* = conv1,
+    class_embedding, positional_embedding, ln_pre, transformer.resblocks.N (q, k, v fused row-wise into in_proj, as
+    in the text tower), ln_post, proj = visual_projection.weightᵀ (used as x @ proj); logit_scale as it is."""
+    out = clip_to_open_clip({k: v for k, v in sd.items() if k.startswith(("text_model.", "text_projection."))})
+    vision = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+    out.update({"visual." + oc: vision[hf] for oc, hf in OPEN_CLIP_VISION.items()})
+    for i in sorted({int(k.split(".")[2]) for k in vision if k.startswith("encoder.layers.")}):
+        hf, oc = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{kind}"] = torch.cat([vision[f"{hf}self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[f"{oc}{b}.{kind}"] = vision[f"{hf}{a}.{kind}"]
+    out["visual.proj"] = sd["visual_projection.weight"].T.contiguous()
+    out["logit_scale"] = sd["logit_scale"]
+    return out
+
+
+TINY_OPEN_CLIP_CONFIG = {"embed_dim": CLIP_PROJECTION,     # open_clip's model_cfg of tiny_clip_model_config(gelu)
+                         "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 8, "patch_size": 32,
+                                        "mlp_ratio": 2.0},
+                         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 3,
+                                      "mlp_ratio": 2.0}}
+
+
+def write_tiny_open_clip(path, seed=0, hps=False, config=True):
+    """A tiny random CLIP as open_clip saves it, made from a transformers CLIPModel (exact gelu, the real
+    49,408-id vocabulary, eos 2: open_clip's argmax pooling) by clip_model_to_open_clip: a plain state dict
+    (open_clip_pytorch_model.bin; .safetensors by the suffix) or, hps=True, an HPS checkpoint {'state_dict': ...}.
+    config: open_clip_config.json beside it ({'model_cfg': TINY_OPEN_CLIP_CONFIG}, as hub repositories ship it): the
+    tiny architecture is not known by its shapes. Returns the transformers CLIPModel (the reference)."""
+    import transformers
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = randomize(transformers.CLIPModel(tiny_clip_model_config(49408, "gelu")), seed, std=0.3,
+                          around_init=True)
+    sd = {k: v.contiguous().clone() for k, v in clip_model_to_open_clip(model.state_dict()).items()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(sd, path)
+    else:
+        torch.save({"state_dict": sd} if hps else sd, path)
+    if config:
+        _write_json({"model_cfg": TINY_OPEN_CLIP_CONFIG, "preprocess_cfg": {}},
+                    os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json"))
+    return model
+
+
+class PublishedAestheticMLP(torch.nn.Module):
+    """The MLP of christophschuhmann/improved-aesthetic-predictor's simple_inference.py as published (its ReLUs
+    commented out; the pytorch_lightning base class and training steps left out): the reference for the keys."""
+    def __init__(self, input_size):
+        super().__init__()
+        nn = torch.nn
+        self.layers = nn.Sequential(nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def write_tiny_aesthetic(path, input_size=CLIP_PROJECTION, seed=0):
+    """The aesthetic predictor's file (torch.save of the state dict, as sac+logos+ava1-l14-linearMSE.pth), random,
+    for `input_size`-d embeddings (default: the tiny CLIP's projection). Returns the PublishedAestheticMLP."""
+    model = randomize(PublishedAestheticMLP(input_size), seed)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(model.state_dict(), os.fspath(path))
+    return model

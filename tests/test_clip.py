@@ -1,4 +1,5 @@
-"""clip.py: the hand-written CLIP text encoders, BPE tokenizer and loader against transformers; the config.
+"""clip.py / clip_tokenizer.py: the hand-written CLIP text encoders, BPE tokenizer and loader against transformers; the
+config. The image side (vision tower, whole models, preprocessing, aesthetic MLP): test_clip_vision.py.
 
 Everything is tiny and written here (no downloads): a CLIP tokenizer folder (vocab.json = the 256 byte symbols, the
 same with "</w>", the results of a few BPE merges learnt from the test prompts, then <|startoftext|> and
@@ -16,8 +17,8 @@ import torch
 import transformers
 
 import clip
-from clip import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, clip_vit_l14_text_config,
-                  load_clip_text, open_clip_bigg14_text_config)
+from clip import CLIPTextConfig, CLIPTextModel, clip_vit_l14_text_config, load_clip_text, open_clip_bigg14_text_config
+from clip_tokenizer import CLIPTokenizer
 from fixtures import CLIP_PROMPTS as PROMPTS
 from fixtures import LONG, clip_text_config as hf_config, randomize, write_clip_tokenizer, write_tiny_clip
 from fixtures import clip_to_open_clip as fixture_clip_to_open_clip

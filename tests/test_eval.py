@@ -2,6 +2,7 @@
 (--seed, --solver, the JSON table, errors)."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -79,6 +80,52 @@ def test_mmd_and_loglik_on_known_samples():
 
 
 #################################################################################
+#                          Image metrics against closed forms                   #
+#################################################################################
+
+def with_moments(z, mean, cov):
+    """z (n, d) -> points whose empirical mean and (unbiased) covariance are exactly `mean` and `cov`."""
+    z = z.double() - z.double().mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T           # empirical covariance I
+    return z @ torch.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_is_the_closed_form_between_gaussians():
+    """Point sets with exactly the given means and covariances: FD = |mu_a - mu_b|^2 + tr(S_a + S_b) -
+    2 sum sqrt(eig(S_a S_b)) (the eigenvalues of the non-symmetric product, another route than eval.py's), to
+    float64 round-off; diagonal covariances: sum (sqrt a_i - sqrt b_i)^2 + |mu_a - mu_b|^2; identical sets: 0."""
+    g = torch.Generator().manual_seed(0)
+    d = 5
+    A, B = torch.randn(d, d, generator=g, dtype=torch.float64), torch.randn(d, d, generator=g, dtype=torch.float64)
+    S_a, S_b = A @ A.T + 0.1 * torch.eye(d, dtype=torch.float64), B @ B.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    mu_a, mu_b = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    a = with_moments(torch.randn(400, d, generator=g), mu_a, S_a)
+    b = with_moments(torch.randn(300, d, generator=g), mu_b, S_b)
+    closed = (mu_a - mu_b).pow(2).sum() + (S_a + S_b).trace() - 2 * torch.linalg.eigvals(S_a @ S_b).real.sqrt().sum()
+    assert ev.frechet_distance(a, b) == pytest.approx(closed.item(), rel=1e-9)
+    va, vb = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 4.0, 1.0])
+    a = with_moments(torch.randn(50, 3, generator=g), torch.zeros(3), torch.diag(va).double())
+    b = with_moments(torch.randn(60, 3, generator=g), torch.ones(3), torch.diag(vb).double())
+    assert ev.frechet_distance(a, b) == pytest.approx(3 + (1 + 0 + 4), rel=1e-9)     # |1|^2 x 3 + sum (sqrt diff)^2
+    assert abs(ev.frechet_distance(a, a)) < 1e-9
+
+
+def test_cmmd_closed_forms():
+    """Identical sets: exactly 0 (the V-statistic); one point each at distance r: 1000 (2 - 2 exp(-r^2 / 200));
+    two independent sets of one distribution: about the V-statistic's bias 1000 x 2 (1 - E k) / n, where unit
+    vectors (|x - y|^2 <= 4) have 1 - k <= 1 - exp(-4 / 200); twice that bounds bias plus noise."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(200, 16, generator=g), dim=-1)
+    assert ev.cmmd(x, x) == 0.0
+    a, b = torch.zeros(1, 4), torch.tensor([[3.0, 0, 0, 4]])                      # r = 5
+    assert ev.cmmd(a, b) == pytest.approx(1000 * (2 - 2 * math.exp(-25 / 200)), rel=1e-12)
+    y = torch.nn.functional.normalize(torch.randn(200, 16, generator=g), dim=-1)
+    assert 0 < ev.cmmd(x, y) < 2 * 1000 * 2 * (1 - math.exp(-4 / 200)) / 200
+    z = torch.nn.functional.normalize(torch.randn(200, 16, generator=g) + 2, dim=-1)   # another distribution
+    assert ev.cmmd(x, z) > 10 * ev.cmmd(x, y)
+
+
+#################################################################################
 #                          evaluate, curve_logger                               #
 #################################################################################
 
@@ -149,8 +196,10 @@ def test_cli_seed_and_solver(run, tmp_path, monkeypatch):
     (["--student-steps", "1,x"], "--student-steps '1,x': expected step counts separated by commas"),
     (["--teacher-steps", "0"], "--teacher-steps '0': step counts must be at least 1"),
     (["--n", "1"], "--n 1: the metrics need at least 2 samples per sampler"),
-    (["--teacher", "nope"], "--teacher nope: expected one of toy, toy-exact, pixart"),
-    (["--teacher", "pixart"], "eval.py computes the exact toy metrics only"),
+    (["--teacher", "nope"], "--teacher nope: expected one of toy, toy-exact, pixart, sd15, sdxl"),
+    (["--teacher", "pixart"], "--teacher pixart needs --weights PATH"),
+    (["--clip", "clip-vit-large-patch14"], "--clip: for image runs; the toy has exact metrics"),
+    (["--batch", "0"], "--batch 0: at least 1"),
     (["--solver", "heun"], "argument --solver: invalid choice: 'heun'"),
     (["RUN", "--student-steps", "901"], "--student-steps [901]: this student samples at K <= 900")])
 def test_bad_flags_exit_with_one_error_line(run, argv, why, capsys):
@@ -160,3 +209,61 @@ def test_bad_flags_exit_with_one_error_line(run, argv, why, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and why in err, err
     assert sum("error:" in line for line in err.splitlines()) == 1 and "Traceback" not in err
+
+
+#################################################################################
+#                          Image runs end to end                                #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, tiny_pixart):
+    """A 2-iteration tiny PixArt run, a tiny CLIP model folder (224 px vision tower), a tiny HPS checkpoint in
+    open_clip's layout and an aesthetic predictor file for the tiny CLIP's 24-d embeddings, and 6 prompts in 2 styles."""
+    from fixtures import write_tiny_aesthetic, write_tiny_clip_model, write_tiny_open_clip
+    folder, prompts = tiny_pixart
+    root = tmp_path_factory.mktemp("image_eval")
+    run = train.main(["--teacher", "pixart", "--weights", folder, "--prompts", prompts, "--out", str(root), "--name",
+                      "pixart", "--batch", "2", "--iters", "2", "--preview-every", "0", "--save-every", "2"])
+    write_tiny_clip_model(root / "clip")
+    write_tiny_open_clip(root / "hps" / "HPS_v2.1_compressed.pt", hps=True)
+    write_tiny_aesthetic(root / "aesthetic.pth")
+    table = root / "prompts.txt"
+    table.write_text("# two styles\n" + "".join(f"{s}\ta {w} in the {s} style\n" for s in ("photo", "painting")
+                                                for w in ("fox", "lighthouse", "bowl of ramen")))
+    return run, root, str(table)
+
+
+def test_image_eval_writes_the_metrics_table_and_side_by_side(image_run, capsys):
+    """eval.py RUN on images: rows teacher 25-step DPM with CFG (NFE 50), student K DDIM and DPM (NFE 4); every
+    metric in range (HPS, CLIP score: 100 x cosine; aesthetic finite), FD / CMMD only for the students, >= 0; the
+    speed-up over the teacher ~ the NFE ratio on the network alone; metrics.json, table.md and the PNG written."""
+    run, root, prompts = image_run
+    rows = ev.main([run, "--prompts", prompts, "--clip", str(root / "clip"), "--hps",
+                    str(root / "hps" / "HPS_v2.1_compressed.pt"), "--aesthetic", str(root / "aesthetic.pth"),
+                    "--batch", "4", "--teacher-steps", "5"])
+    names = list(rows)
+    assert names == ["teacher 5-step DPM, cfg 4.5", "student 4-step DDIM", "student 4-step DPM"]
+    assert [rows[n]["nfe"] for n in names] == [10, 4, 4] and all(r["n"] == 6 for r in rows.values())
+    for name, r in rows.items():
+        assert -100 <= r["hps"] <= 100 and 0 <= r["clip"] <= 100 and math.isfinite(r["aesthetic"])
+        assert set(r["hps_by_style"]) == {"photo", "painting"}
+        assert ("fd" in r) == ("cmmd" in r) == name.startswith("student")
+    assert all(rows[n]["fd"] >= -1e-6 and rows[n]["cmmd"] >= 0 for n in names[1:])
+    assert rows[names[0]]["speedup_net"] == 1.0 and rows[names[1]]["speedup_net"] > 1.0
+    out = os.path.join(run, "eval")
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["n"] == 6 and list(saved["rows"]) == names
+    table = open(os.path.join(out, "table.md")).read()
+    assert table.count("\n| ") == 3 and "6 images per side" in table
+    from PIL import Image
+    assert Image.open(os.path.join(out, "side_by_side.png")).size == (2 * 64 + 2, 4 * 64 + 3 * 2)   # 2 samplers
+
+
+def test_image_eval_without_feature_weights_says_which_files_it_wants(image_run, capsys):
+    run, root, prompts = image_run
+    rows = ev.main([run, "--prompts", prompts, "--n", "2", "--teacher-steps", "2", "--out", str(root / "bare")])
+    out = capsys.readouterr().out
+    assert "not measuring hps: it needs --hps HPS_v2.1_compressed.pt" in out and "--aesthetic" in out
+    assert all("hps" not in r and "fd" not in r for r in rows.values())
+    with pytest.raises(ValueError, match="--aesthetic scores CLIP ViT-L/14 image embeddings: give --clip"):
+        ev.main([run, "--prompts", prompts, "--n", "2", "--aesthetic", str(root / "aesthetic.pth")])
