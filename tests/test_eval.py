@@ -267,3 +267,19 @@ def test_image_eval_without_feature_weights_says_which_files_it_wants(image_run,
     assert all("hps" not in r and "fd" not in r for r in rows.values())
     with pytest.raises(ValueError, match="--aesthetic scores CLIP ViT-L/14 image embeddings: give --clip"):
         ev.main([run, "--prompts", prompts, "--n", "2", "--aesthetic", str(root / "aesthetic.pth")])
+
+
+@pytest.mark.parametrize("style", ["sd15", "sdxl"])
+def test_image_eval_of_sd_runs(style, tmp_path, image_run):
+    """The same evaluation on the SD teachers (tiny folders): the teacher row at NFE 2 x steps, the LoRA student's
+    rows, CLIP score and the distance to the teacher."""
+    from fixtures import write_tiny_sd
+    _, root, prompts = image_run
+    folder = write_tiny_sd(tmp_path / style, style)
+    run = train.main(["--teacher", style, "--weights", folder, "--prompts", prompts, "--out", str(tmp_path), "--name",
+                      "run", "--batch", "2", "--iters", "1", "--lora", "4", "--resolution", "64",
+                      "--preview-every", "0"])
+    rows = ev.main([run, "--prompts", prompts, "--n", "3", "--teacher-steps", "2", "--clip", str(root / "clip")])
+    cfg = {"sd15": "3.5", "sdxl": "8"}[style]
+    assert list(rows) == [f"teacher 2-step DPM, cfg {cfg}", "student 4-step DDIM", "student 4-step DPM"]
+    assert all(0 <= r["clip"] <= 100 for r in rows.values()) and rows["student 4-step DDIM"]["cmmd"] >= 0
