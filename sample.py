@@ -369,10 +369,11 @@ def parse_step_counts(text, flag, t_max=None):
 
 def command_line(main):
     """Run a script's main (train.py, sample.py, eval.py). A bad input, a ValueError or FileNotFoundError of a
-    check or a loader, ends it with its one-line message and status 1, no traceback (TDM_TRACEBACK=1 shows it)."""
+    check or a loader, or train.py's stop on a non-finite loss (FloatingPointError), ends it with its one-line
+    message and status 1, no traceback (TDM_TRACEBACK=1 shows it)."""
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         if os.environ.get("TDM_TRACEBACK"):
             raise
         sys.exit(f"error: {e}")

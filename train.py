@@ -241,22 +241,34 @@ def _write_json(obj, path):
 
 
 def save_checkpoint(run_dir, state, meta):
-    """ckpt.safetensors (+ ckpt.json) for resuming; student.safetensors (+ student.json) for sampling."""
+    """ckpt.safetensors (+ ckpt.json) for resuming; student.safetensors (+ student.json) for sampling.
+
+    ckpt.safetensors carries its own ckpt.json in its metadata and is replaced in one rename, so a process killed
+    at any moment leaves a whole checkpoint, old or new, that resume reads consistently (ckpt.json beside it is for
+    people and may lag one write behind)."""
     tensors = {}
-    structure = {k: _flatten(k, v, tensors) for k, v in state.items()}
-    save_safetensors(tensors, os.path.join(run_dir, "ckpt.safetensors"))
-    _write_json({**meta, "structure": structure}, os.path.join(run_dir, "ckpt.json"))
+    sidecar = {**meta, "structure": {k: _flatten(k, v, tensors) for k, v in state.items()}}
+    save_safetensors(tensors, os.path.join(run_dir, "ckpt.safetensors"), {"tdm_checkpoint": json.dumps(sidecar)})
+    _write_json(sidecar, os.path.join(run_dir, "ckpt.json"))
     save_safetensors(state["ema" if "ema" in state else "student"], os.path.join(run_dir, "student.safetensors"))
     _write_json(meta, os.path.join(run_dir, "student.json"))
 
 
 def load_checkpoint(run_dir):
-    path = os.path.join(run_dir, "ckpt.json")
-    if not os.path.exists(path):
+    """(state, meta) of a run's checkpoint: the sidecar embedded in ckpt.safetensors, or ckpt.json for runs
+    written before it was embedded."""
+    path, tensors_path = os.path.join(run_dir, "ckpt.json"), os.path.join(run_dir, "ckpt.safetensors")
+    if not os.path.exists(path) and not os.path.exists(tensors_path):
         raise FileNotFoundError(f"--resume {run_dir!r}: no ckpt.json there; pass a run folder written by train.py")
-    with open(path) as f:
-        meta = json.load(f)
-    tensors = read_state_dict(os.path.join(run_dir, "ckpt.safetensors"))
+    tensors = read_state_dict(tensors_path)
+    from safetensors import safe_open
+    with safe_open(tensors_path, framework="pt") as f:
+        embedded = (f.metadata() or {}).get("tdm_checkpoint")
+    if embedded:
+        meta = json.loads(embedded)
+    else:
+        with open(path) as f:
+            meta = json.load(f)
     state = {k: _unflatten(v, tensors) for k, v in meta.pop("structure").items()}
     for k in ("student", "fake", "ema"):       # TDM-unify runs written with the step embedding inside the network
         if k in state:
@@ -476,21 +488,24 @@ def main(argv=None):
 
     as_x0 = (sample.student_x0(teacher, student), sample.student_x0(teacher, fake))   # tdm.py's denoisers
     t0, step_time = progress.begin(start), 0.0  # step_time: the TDM steps alone (no evaluations, checkpoints)
+    saved = start                                # the iteration of the checkpoint on disk (0: none yet)
     for it in range(start, args.iters):
         for group in opt_student.param_groups:
             group["lr"] = generator_lr(args, it)
         cond, uncond = teacher.training_conditions(batch)
         t_step = time.time()
         logs = tdm.tdm_step(*as_x0, teacher, cond, uncond, opt_student, opt_fake, config, scaler=scaler)
+        done = it + 1
+        stop_if_not_finite(logs, scaler, done, saved, run_dir, world)
         update_ema(ema, student, args.ema)
         step_time += time.time() - t_step       # tdm_step's .item() calls have synchronised the GPU already
-        done = it + 1
         progress.update(done, logs)
         if watch:
             watch.after(done, progress.log)
         if done % args.save_every == 0 or done == args.iters:
             checkpoint(run_dir, done, student, fake, opt_student, opt_fake, scaler, ema, teacher, args, config,
                        device, world)
+            saved = done
     progress.close()
     train_time = time.time() - t0
 
@@ -512,6 +527,23 @@ def update_ema(ema, student, decay):
         with torch.no_grad():
             for k, v in student.state_dict().items():
                 ema[k].lerp_(v.to(ema[k].dtype), 1 - decay)
+
+
+def stop_if_not_finite(logs, scaler, done, saved, run_dir, world):
+    """Stop the run, without saving, when an iteration's loss (or, without a gradient scaler, the student's gradient
+    norm) is NaN or infinite on any rank: the weights it updated are lost, the checkpoint on disk is the last good
+    one. (With --precision fp16 an infinite gradient is the scaler's business: it skips that step.)"""
+    keys = ["loss_gen", "loss_fake"] + (["grad_norm"] if scaler is None else [])
+    bad = {k: logs[k] for k in keys if k in logs and not math.isfinite(logs[k])}
+    flag = torch.tensor(float(bool(bad)))
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)         # every rank stops together
+    if flag.item():
+        what = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "a non-finite loss on another process"
+        last = (f"the last good checkpoint is iteration {saved} in {run_dir!r} (continue with --resume {run_dir})"
+                if saved else "no checkpoint was written yet")
+        raise FloatingPointError(f"iteration {done}: {what}; the run stopped without saving: {last}. Lower --lr-fake "
+                                 "or use --precision fp32")
 
 
 def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, scaler, ema, teacher, args, config, device,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file, save_file
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -128,6 +129,8 @@ def test_resume_a_run_saved_before_newer_flags(fast_toy_teacher, tmp_path):
     meta["args"]["no_importance"] = True
     meta["args"]["shared_interval"] = False             # --shared-interval (store_true) before --interval
     json.dump(meta, open(path, "w"))
+    tensors = os.path.join(run, "ckpt.safetensors")       # as written then: no sidecar embedded in the tensors file
+    save_file(load_file(tensors), tensors)
     train.main(["--resume", run, "--iters", "3", "--figure-n", "0"])
     args = json.load(open(path))["args"]
     assert args["importance"] == "off" and "no_importance" not in args and args["figure_n"] == 0
@@ -435,3 +438,61 @@ def test_command_line_errors_are_one_line_without_traceback(script, argv, words,
                        text=True, env={**os.environ, "TDM_TRACEBACK": ""})
     lines = r.stderr.strip().splitlines()
     assert r.returncode in (1, 2) and len(lines) == 1 and "error: " in lines[0] and words in lines[0], r.stderr
+
+
+#################################################################################
+#                          Reliability                                          #
+#################################################################################
+
+def test_a_kill_between_the_checkpoint_files_leaves_a_resumable_run(fast_toy_teacher, tmp_path, monkeypatch):
+    """ckpt.safetensors carries its sidecar and is replaced in one rename: a process killed after it (before
+    ckpt.json) or before it leaves a checkpoint that resumes to exactly the uninterrupted run's weights."""
+    common = ["--out", str(tmp_path), "--batch", "32", "--eval-every", "0", "--final-eval-n", "0", "--figure-n", "0",
+              "--save-every", "2"]
+    straight = train.main([*common, "--name", "straight", "--iters", "4"])
+    run = train.main([*common, "--name", "killed", "--iters", "2"])
+    real_write = train._write_json
+
+    def killed(obj, path):                                  # "SIGKILL" right after the tensors file of iteration 4
+        if path.endswith("ckpt.json") and obj["iteration"] == 4:
+            raise KeyboardInterrupt
+        real_write(obj, path)
+    monkeypatch.setattr(train, "_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--resume", run, "--iters", "4"])
+    monkeypatch.undo()
+    assert json.load(open(os.path.join(run, "ckpt.json")))["iteration"] == 2     # the json lags behind ...
+    state, meta = train.load_checkpoint(run)
+    assert meta["iteration"] == 4 == int(state["iteration"])                   # ... resume reads the whole new one
+    (a, _) = train.load_checkpoint(straight)
+    assert all(torch.equal(a["student"][k], state["student"][k]) for k in a["student"])
+    train.main(["--resume", run, "--iters", "5"])                               # and continues from it
+    assert train.load_checkpoint(run)[1]["iteration"] == 5
+
+
+def test_a_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(fast_toy_teacher, tmp_path, monkeypatch, capsys):
+    """A NaN in a loss at iteration 3: the run stops with one line naming the iteration, the loss and the last
+    checkpoint (iteration 2), which stays as it was and resumes."""
+    real_step = train.tdm.tdm_step
+    calls = []
+
+    def poisoned(*args, **kw):
+        logs = real_step(*args, **kw)
+        calls.append(1)
+        return {**logs, "loss_fake": float("nan")} if len(calls) == 3 else logs
+    monkeypatch.setattr(train.tdm, "tdm_step", poisoned)
+    common = ["--out", str(tmp_path), "--name", "nan", "--batch", "32", "--eval-every", "0", "--final-eval-n", "0",
+              "--figure-n", "0", "--save-every", "2"]
+    with pytest.raises(FloatingPointError, match=r"iteration 3: loss_fake = nan; the run stopped without saving: the "
+                                                 r"last good checkpoint is iteration 2"):
+        train.main([*common, "--iters", "6"])
+    run = os.path.join(tmp_path, "nan")
+    assert train.load_checkpoint(run)[1]["iteration"] == 2
+    monkeypatch.undo()
+    r = subprocess.run([sys.executable, "-c", "import sys, sample, train; sys.argv[0] = 'train.py'; "
+                        "import torch; train.tdm.tdm_step = lambda *a, **k: dict(loss_gen=float('inf'), "
+                        "loss_fake=0.0, grad_norm=1.0, K=4); sample.command_line(train.main)",
+                        "--resume", run, "--iters", "6"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ))
+    assert r.returncode == 1 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
+    assert "iteration 3: loss_gen = inf" in r.stderr and "iteration 2" in r.stderr
