@@ -27,6 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import eval as ev
+import export
 import sample
 import tdm
 from models import read_state_dict, save_safetensors, trainable_lora_views, unify_keys_from_flat
@@ -557,6 +558,8 @@ def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, scaler, ema,
                      opt_fake=opt_fake.state_dict(), iteration=torch.tensor(done), rank_rng=rank_rng)
         state.update({"ema": ema} if ema is not None else {}, **({"scaler": scaler.state_dict()} if scaler else {}))
         save_checkpoint(run_dir, state, run_meta(teacher, args, config, done))
+        if teacher.OUTPUT == "images":                 # the student for diffusers / ComfyUI, next to it
+            export.export_run(run_dir)
 
 
 def restore(state, student, fake, opt_student, opt_fake, scaler, args, device, rank, world, log):
