@@ -72,8 +72,7 @@ def random_conditions(config, batch, device):
     context = lambda: torch.randn(batch, 77, config.cross_attention_dim, device=device)
     if config.addition_embed_type != "text_time":
         return context(), context()
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    return tuple((context(), torch.randn(batch, pooled, device=device)) for _ in range(2))
+    return tuple((context(), torch.randn(batch, config.pooled_text_dim, device=device)) for _ in range(2))
 
 
 def official_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config):

@@ -207,7 +207,7 @@ class ImageScorer:
     clip (a CLIP model: CLIP score, and the features of FD / CMMD), hps (OpenCLIP ViT-H/14 with HPS v2 weights),
     aesthetic (the LAION predictor, on `clip` when it is ViT-L/14, else on ViT-L/14 given as aesthetic_clip)."""
     def __init__(self, clip=None, hps=None, aesthetic=None, device="cpu"):
-        self.device = torch.device(device)
+        self.device, self._text = torch.device(device), {}
         dtype = torch.float32 if self.device.type == "cpu" else torch.float16   # the files may hold fp16
         self.clip = load_clip_model(clip, dtype=dtype).to(self.device) if clip else None
         self.hps = load_clip_model(hps, dtype=dtype).to(self.device) if hps else None
@@ -221,6 +221,15 @@ class ImageScorer:
             if self.clip.projection_dim != width:
                 raise ValueError(f"--aesthetic {aesthetic!r} takes {width}-d CLIP embeddings, but --clip gives "
                                  f"{self.clip.projection_dim}-d ones: pass CLIP ViT-L/14 as --clip")
+
+    def text_features(self, name, prompts):
+        """(B, P) normalised prompt embeddings of model `name`, computed once per prompt for every sampler."""
+        model, cache = getattr(self, name), self._text.setdefault(name, {})
+        todo = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if todo:
+            emb = F.normalize(model.encode_text(model.tokenizer(todo).to(self.device)).float(), dim=-1)
+            cache.update(zip(todo, emb))
+        return torch.stack([cache[p] for p in prompts])
 
     def missing(self):
         """What is not measured, and the file each needs."""
@@ -240,7 +249,7 @@ class ImageScorer:
                 continue
             pixels = preprocess(images).to(self.device, next(model.parameters()).dtype)    # (B, 3, 224, 224)
             img = F.normalize(model.encode_image(pixels).float(), dim=-1)        # (B, P)
-            txt = F.normalize(model.encode_text(model.tokenizer(prompts).to(self.device)).float(), dim=-1)
+            txt = self.text_features(name, prompts)                              # (B, P)
             cos = (img * txt).sum(-1)                                            # (B,)
             out[name] = 100 * (cos.clamp_min(0) if name == "clip" else cos)
             if name == "clip":
@@ -295,17 +304,23 @@ def _timed(fn, device):
 
 @torch.no_grad()
 def evaluate_images(teacher, student, meta, prompts, scorer, teacher_steps=25, cfg=None, batch=8, seed=0,
-                    grid_n=4, log=print):
+                    grid_n=4):
     """Sample every prompt with fixed noise from each sampler (same x_T for all), score the images, and time the
-    samplers. -> (rows {name: metrics}, side-by-side images of the first grid_n prompts per sampler)."""
+    samplers (after one untimed batch, which loads the VAE and warms the device up).
+    -> (rows {name: metrics}, side-by-side images of the first grid_n prompts per sampler)."""
     cfg = teacher.DEFAULTS["cfg"] if cfg is None else cfg
     texts = [p for _, p in prompts]
     styles = [s for s, _ in prompts]
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((len(texts), *teacher.sample_shape), generator=g)         # CPU: the same on every device
-    teacher.prepare(texts)                                                      # encode (and cache) once
+    teacher.keep_encoder = True                  # encode (and cache) once; the encoder stays for its timing
+    teacher.prepare(texts)
+    runs = samplers(meta, teacher_steps, cfg)
+    first = texts[:batch]                        # the untimed warm-up: the cheapest sampler, and the VAE's load
+    teacher.decode(list(runs.values())[-1][1](teacher, student, x_T[:batch].to(teacher.device),
+                                              teacher.encode(first), teacher.uncond(len(first))))
     rows, grid = {}, {}
-    for name, (nfe, run) in samplers(meta, teacher_steps, cfg).items():
+    for name, (nfe, run) in runs.items():
         scores, net_time, decode_time, feats = [], 0.0, 0.0, []
         for i in tqdm(range(0, len(texts), batch), desc=name, leave=False):
             chunk = texts[i:i + batch]
@@ -334,16 +349,15 @@ def evaluate_images(teacher, student, meta, prompts, scorer, teacher_steps=25, c
         f = row.pop("features")
         if f is not None and f is not ref:
             row["fd"], row["cmmd"] = frechet_distance(f, ref), cmmd(f, ref)
-    speed(teacher, student, meta, texts[:batch], rows, log)
+    speed(teacher, first, rows)
     return rows, grid
 
 
-def speed(teacher, student, meta, texts, rows, log):
-    """Adds to each row: end-to-end seconds per image (text encoder run for real, sampling, VAE decode) on one
-    batch, images/s network alone and end to end, and the speed-up over the teacher's row."""
-    if teacher._encoder is None:
-        teacher._encoder = teacher.load_encoder()
-    encode_s = _timed(lambda: teacher._encoder(texts), teacher.device)[1] / len(texts)
+def speed(teacher, texts, rows):
+    """Adds to each row: end-to-end seconds per image (the text encoder run for real on one batch, sampling, VAE
+    decode), images/s network alone and end to end, and the speed-up over the teacher's row."""
+    teacher.run_encoder(texts)                                      # loaded already, unless every prompt was cached
+    encode_s = _timed(lambda: teacher.run_encoder(texts), teacher.device)[1] / len(texts)
     teacher.free_encoder()
     base = next(iter(rows.values()))
     for row in rows.values():
@@ -386,8 +400,8 @@ def image_main(a, p):
         teacher, student, meta = load_run(a.run, device=a.device)
         out = a.out or os.path.join(a.run, "eval")
     else:
-        kw = dict(weights_config=a.weights_config) if a.weights_config else {}
-        teacher, student, meta = load_teacher(a.teacher, a.weights, device=a.device, **kw), None, None
+        teacher = load_teacher(a.teacher, a.weights, device=a.device, weights_config=a.weights_config)
+        student, meta = None, None
         out = a.out or "eval"
     try:
         steps = parse_step_counts(a.teacher_steps or "25", "--teacher-steps")

@@ -19,9 +19,9 @@ import torch
 
 import tdm
 from models import component_folder, read_json, read_state_dict, save_safetensors, unify_keys_from_flat
+from pixart import load_pixart
 from sample import command_line, read_run_meta
-from teachers import load_teacher
-from unet import RELEASE_CONFIGS, single_file_release
+from unet import RELEASE_CONFIGS
 
 # Per teacher: the pipeline's sub-folder of the network, its diffusers class, the bias its time embedding ends in
 # (where a TDM-unify step-count row folds in: models.StepCountEmbedding adds it right after that layer).
@@ -80,9 +80,7 @@ def fixed_k(state, meta, K, teacher):
     """A TDM-unify student (`net.*` + the step-count table) as a plain network at step count K: its table row
     folded into the bias of the time embedding's last layer, to which models.StepCountEmbedding adds it."""
     state = unify_keys_from_flat(state)
-    steps = sorted(meta["unify"])
-    if K not in steps:
-        raise ValueError(f"--K {K}: this TDM-unify student was trained for K in {steps}")
+    steps = sorted(meta["unify"])                            # K is one of them: export_run checked
     net = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     bias = NETWORK[teacher][2]
     net[bias] = net[bias] + state["table.weight"][steps.index(K)].to(net[bias].dtype)
@@ -96,30 +94,29 @@ def base_config(meta):
     source = meta.get("weights_config") or meta["weights"]
     if os.path.isdir(source):
         return read_json(os.path.join(component_folder(source, sub), "config.json"))
-    config = asdict(RELEASE_CONFIGS[single_file_release(source)]())
+    config = asdict(RELEASE_CONFIGS[meta["teacher"]]())      # a single file of the teacher's own release
     return {"_class_name": cls, **{k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
 
 
-def base_state(meta):
-    """The teacher network's weights, as loaded for training (for merging a PixArt LoRA)."""
-    kw = dict(weights_config=meta["weights_config"]) if meta.get("weights_config") else {}
-    net = load_teacher(meta["teacher"], meta["weights"], device="cpu", log=None, dtype=torch.float32, **kw).network
-    return net.state_dict()
+def base_state(network):
+    """A network's own weights, without any LoRA adapters it carries (models.LoRALinear keeps the base keys)."""
+    return {k: v for k, v in network.state_dict().items() if ".lora_" not in k}
 
 
 #################################################################################
 #                          The export folder                                    #
 #################################################################################
 
-def export_run(run_dir, out=None, K=None):
+def export_run(run_dir, out=None, K=None, state=None, meta=None, base=None):
     """Write `run_dir`/export (or `out`): the student in the formats above, tdm_student.json and README.md.
-    -> the folder."""
-    meta = read_run_meta(run_dir)
+    -> the folder. train.py hands over what it has in memory: the student's `state`, the run's `meta` and, for a
+    PixArt LoRA, the `base` network's weights; otherwise they are read from the run folder and the model."""
+    meta = meta or read_run_meta(run_dir)
     teacher = meta["teacher"]
     if teacher not in NETWORK:
         raise ValueError(f"{run_dir!r} is a --teacher {teacher} run: export is for image students "
                          f"({', '.join(NETWORK)})")
-    state = read_state_dict(os.path.join(run_dir, "student.safetensors"))
+    state = state if state is not None else read_state_dict(os.path.join(run_dir, "student.safetensors"))
     sub, cls, _ = NETWORK[teacher]
     out = out or os.path.join(run_dir, "export")
     os.makedirs(out, exist_ok=True)
@@ -142,7 +139,8 @@ def export_run(run_dir, out=None, K=None):
             save_safetensors(kohya_lora(state, alpha), os.path.join(out, files["kohya"]))
         if teacher == "pixart":                     # diffusers' PixArt pipeline has no LoRA loader: merge it
             files["folder"] = sub
-            _write_network(out, sub, merged(base_state(meta), state, alpha), meta)
+            base = base if base is not None else base_state(load_pixart(meta["weights"], dtype=torch.float32))
+            _write_network(out, sub, merged(base, state, alpha), meta)
     else:
         files["folder"] = sub
         _write_network(out, sub, fixed_k(state, meta, K, teacher) if meta.get("unify") else state, meta)

@@ -15,7 +15,8 @@ and imports only this file (clip.py also clip_tokenizer.py). This file holds:
   - configs: `JSONConfig`, the base of every network config (fields = the config.json keys);
   - weights: reading single, sharded and legacy checkpoints (or one component of a single file, by key prefix, or
     only its key names and shapes), one exact key/shape check, atomic saving, building on the meta device;
-  - layers: sinusoidal timestep embedding, one attention module and one feed-forward (diffusers key names);
+  - layers: sinusoidal timestep embedding, its two-layer MLP, one attention module and one feed-forward
+    (diffusers key names);
   - LoRA: adapters on a frozen base, views that make one adapter a network, their state dicts;
   - gradient checkpointing that keeps the active LoRA adapters in the recomputation;
   - TDM-unify's step-count embedding, around any network that accepts an extra time embedding;
@@ -284,6 +285,17 @@ class Attention(nn.Module):
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)          # (B, heads, N, hd)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, D))            # (B, N, D)
+
+
+class MLP2(nn.Module):
+    """Linear -> act -> Linear: SiLU for the timestep, size and SDXL added embeddings, GELU(tanh) for PixArt's
+    caption projection (diffusers' TimestepEmbedding and PixArtAlphaTextProjection: keys linear_1, linear_2)."""
+    def __init__(self, in_dim, out_dim, act=F.silu):
+        super().__init__()
+        self.linear_1, self.linear_2, self.act = nn.Linear(in_dim, out_dim), nn.Linear(out_dim, out_dim), act
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
 
 
 class FeedForward(nn.Module):

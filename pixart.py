@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models import (Attention, FeedForward, JSONConfig, build_and_load, checkpointed, component_folder,
+from models import (MLP2, Attention, FeedForward, JSONConfig, build_and_load, checkpointed, component_folder,
                     read_state_dict, timestep_embedding)
 
 
@@ -125,16 +125,6 @@ class PatchEmbed(nn.Module):
         D = x.shape[-1]
         pos = sincos_pos_embed_2d(D, h, w, self.base_size, self.interpolation_scale, device=x.device)
         return (x + pos[None]).to(x.dtype)
-
-
-class MLP2(nn.Module):
-    """Linear -> act -> Linear: SiLU for the timestep / size embedders, GELU(tanh) for the caption projection."""
-    def __init__(self, in_dim, out_dim, act=F.silu):
-        super().__init__()
-        self.linear_1, self.linear_2, self.act = nn.Linear(in_dim, out_dim), nn.Linear(out_dim, out_dim), act
-
-    def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
 
 
 class ConditionEmbedder(nn.Module):

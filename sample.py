@@ -52,9 +52,8 @@ def load_run(run_dir, teacher=None, device=None, meta=None, weights=None, weight
     path = os.path.join(run_dir, "student.safetensors")
     state = read_state_dict(path)
     name = teacher or meta["teacher"]
-    resolution = meta.get("args", {}).get("resolution")
-    kw = dict(resolution=resolution, weights_config=weights_config if weights else meta.get("weights_config"))
-    kw = {k: v for k, v in kw.items() if v and TEACHERS[name].OUTPUT == "images"}
+    kw = dict(resolution=meta.get("args", {}).get("resolution"),           # None (unset) for the toy
+              weights_config=weights_config if weights else meta.get("weights_config"))
     if weights and not meta.get("lora"):
         raise ValueError(f"weights={weights!r} plugs a LoRA student into another model, but {run_dir!r} is a full "
                          "fine-tune: its network replaces the model's whole UNet / transformer; sample it without "
@@ -422,8 +421,7 @@ def main(argv=None):
     else:
         if TEACHERS[a.teacher].OUTPUT == "images" and a.toy_target:
             p.error(f"--toy-target is for the toy teachers, not --teacher {a.teacher}")
-        kw = dict(weights_config=a.weights_config) if a.weights_config else {}
-        teacher = load_teacher(a.teacher, a.weights, target=a.toy_target or "ring", **kw)
+        teacher = load_teacher(a.teacher, a.weights, target=a.toy_target or "ring", weights_config=a.weights_config)
     g = torch.Generator().manual_seed(a.seed)
     if teacher.OUTPUT == "points":
         labels = teacher.sample_labels(a.n, g)

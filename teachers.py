@@ -31,7 +31,7 @@ from clip import load_clip_text
 from pixart import load_pixart
 from t5 import load_t5
 from toy import fitted_toy_network, load_target
-from unet import load_unet, single_file_release
+from unet import RELEASE_CONFIGS, load_unet, single_file_release
 from vae import VAEConfig, load_vae, sd_vae_config, sdxl_vae_config
 
 
@@ -105,10 +105,12 @@ class ToyTeacher:
         self.device = next(network.parameters()).device
 
     @classmethod
-    def load(cls, weights=None, target="ring", device=None, log=print, **kw):
-        """The toy teacher of a target (`ring`, `grid` or a GMM .json file); fitted once, then cached."""
-        if weights:
-            raise ValueError(f"the toy teachers take no weights (got {weights!r}); use --toy-target for the target")
+    def load(cls, weights=None, target="ring", device=None, log=print, resolution=None, weights_config=None, **kw):
+        """The toy teacher of a target (`ring`, `grid` or a GMM .json file); fitted once, then cached. The image
+        teachers' options are accepted unset (None), so callers pass them through whatever the teacher."""
+        if weights or weights_config or resolution:
+            raise ValueError(f"the toy teachers take no weights, weights config or resolution (got {weights!r}, "
+                             f"{weights_config!r}, {resolution!r}); use --toy-target for the target")
         gmm = load_target(target) if isinstance(target, str) else target
         teacher = cls(gmm, fitted_toy_network(gmm, log=log, **kw))
         teacher.target = target if isinstance(target, str) else gmm.name
@@ -173,11 +175,11 @@ def preprocess(prompt):
 
 
 def read_prompts(path):
-    """Non-empty lines of a text file (e.g. prompts.txt)."""
+    """Non-empty lines of a text file (e.g. prompts.txt), without '#' comment lines."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} not found; pass --prompts FILE with one prompt per line")
     with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+        prompts = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if not prompts:
         raise ValueError(f"{path!r} holds no prompts; expected one prompt per line")
     return prompts
@@ -238,9 +240,6 @@ class LatentTextToImageTeacher:
         self._init_network(self.load_network(weights, device, dtype), 2 ** (len(vae_cfg.block_out_channels) - 1),
                            resolution, autocast)
         self.cache_folder = os.path.join(cache_dir(), f"{self.NAME}_text", self._encoder_identity())
-        self._encoder = self._vae = self._uncond = None
-        self._rows = {}                                 # text -> its encoder outputs, read once from the disk cache
-        self.prompts = None
 
     @property
     def scaling_factor(self):
@@ -261,8 +260,6 @@ class LatentTextToImageTeacher:
         self = cls.__new__(cls)
         like = next(network.parameters())
         self.device, self.dtype, self.weights, self.weights_config = like.device, like.dtype, None, None
-        self._encoder = self._vae = self._uncond = None
-        self._rows, self.prompts = {}, None
         self._init_network(network, vae_factor, resolution, autocast)
         return self
 
@@ -271,6 +268,9 @@ class LatentTextToImageTeacher:
         self.schedule = tdm.Schedule(s["beta_schedule"], s["beta_start"], s["beta_end"], s["num_train_timesteps"])
         self.network, self.vae_factor, self.autocast = network.requires_grad_(False), vae_factor, autocast
         self.run_name = self.NAME
+        self._encoder = self._vae = self._uncond = None
+        self._rows = {}                                 # text -> its encoder outputs, read once from the disk cache
+        self.prompts = None
         h, w = (network.config.sample_size * vae_factor,) * 2 if resolution is None else \
             (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         unit = vae_factor * getattr(network.config, "patch_size", 1)
@@ -384,7 +384,7 @@ class LatentTextToImageTeacher:
             torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def _run_encoder(self, texts):
+    def run_encoder(self, texts):
         """Preprocessed texts -> one dict of CPU tensors per text (e.g. {'embeds': (n_tokens, d)})."""
         if self._encoder is None:
             self.log(f"loading the text encoder from {self.weights} (prompt embeddings cached in {self.cache_folder})")
@@ -413,7 +413,7 @@ class LatentTextToImageTeacher:
             self.log(f"encoding {len(todo)} new prompt(s) with the text encoder")
             for i in range(0, len(todo), self.encoder_batch):
                 chunk = todo[i:i + self.encoder_batch]
-                for text, row in zip(chunk, self._run_encoder(chunk)):
+                for text, row in zip(chunk, self.run_encoder(chunk)):
                     save_safetensors(row, self._cache_path(text), {"prompt": text})
             if not self.keep_encoder:
                 self.free_encoder()
@@ -441,10 +441,14 @@ class LatentTextToImageTeacher:
         return self.make_cond([self._rows[t] for t in self.prepare(prompts)])
 
     def uncond(self, n):
-        """The empty prompt's condition repeated n times: the diffusers pipelines' negative prompt ""."""
+        """The unconditional branch of CFG (make_uncond, made once) repeated n times."""
         if self._uncond is None:
-            self._uncond = self.encode([""])
+            self._uncond = self.make_uncond()
         return tdm._take(self._uncond, torch.zeros(n, dtype=torch.long, device=self.device))
+
+    def make_uncond(self):
+        """The empty prompt's condition for one sample: the diffusers pipelines' negative prompt ""."""
+        return self.encode([""])
 
     # ---------------------------------------------------------------- images
 
@@ -560,7 +564,10 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         super().check_layout(folder)
 
     def load_network(self, weights, device, dtype):
-        config = self.weights_config and os.path.join(self.weights_config, "unet", "config.json")
+        if self.weights_config:
+            config = os.path.join(self.weights_config, "unet", "config.json")
+        else:                                # a single file: check_single_file found the release already
+            config = RELEASE_CONFIGS[self.NAME]() if os.path.isfile(weights) else None
         return load_unet(weights, config=config, device=device, dtype=dtype)
 
     def load_clip(self, which):
@@ -616,6 +623,7 @@ class SDXLTeacher(StableDiffusionTeacher):
     DEFAULTS = dict(cfg=8.0, lr_fake=5e-6, lr_ratio=5.0, batch=8, iters=1000, ema=0.0, save_every=250,
                     interval="separate", snr_clamp=5.0, device="auto", resolution=512)
     SDXL = True
+    zero_uncond = True                 # diffusers' force_zeros_for_empty_prompt; a folder's model_index.json may say no
     ENCODER_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     REQUIRED = {**SD15Teacher.REQUIRED, "text_encoder_2/config.json": "the OpenCLIP bigG text encoder config",
                 "tokenizer_2/vocab.json": "the second CLIP vocabulary", "tokenizer_2/merges.txt": "its BPE merges"}
@@ -641,16 +649,14 @@ class SDXLTeacher(StableDiffusionTeacher):
         """(context (B, 77, 2048), pooled (B, 1280)) in `dtype`."""
         return tuple(torch.stack([r[k] for r in rows]).to(self.device, self.dtype) for k in ("embeds", "pooled"))
 
-    def uncond(self, n):
-        if getattr(self, "zero_uncond", True):
-            if self._uncond is None:                 # zeros of the condition's shapes; no encoder call needed
-                c = self.network.config
-                pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-                self._uncond = (torch.zeros(1, self.MAX_LENGTH, c.cross_attention_dim, dtype=self.dtype),
-                                torch.zeros(1, pooled, dtype=self.dtype))
-                self._uncond = tuple(u.to(self.device) for u in self._uncond)
-            return tdm._take(self._uncond, torch.zeros(n, dtype=torch.long, device=self.device))
-        return super().uncond(n)
+    def make_uncond(self):
+        """Zeros of the condition's shapes (no encoder call), unless the folder's model_index.json sets
+        force_zeros_for_empty_prompt false: then the empty prompt's encoding."""
+        if not self.zero_uncond:
+            return super().make_uncond()
+        c = self.network.config
+        return (torch.zeros(1, self.MAX_LENGTH, c.cross_attention_dim, dtype=self.dtype, device=self.device),
+                torch.zeros(1, c.pooled_text_dim, dtype=self.dtype, device=self.device))
 
     def call(self, net, x_t, t, cond, **kw):
         """The UNet with SDXL's added conditions: the pooled text and time_ids [h, w, 0, 0, h, w] in pixels."""

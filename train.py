@@ -306,9 +306,8 @@ def build_teacher(args, device, log):
     if TEACHERS[args.teacher].OUTPUT == "points":
         return load_teacher(args.teacher, target=args.toy_target, device=device, log=log)
     half = half_precision(args, device)
-    kw = dict(weights_config=args.weights_config) if args.weights_config else {}
-    teacher = load_teacher(args.teacher, args.weights, device=device, log=log, resolution=args.resolution, **kw,
-                           dtype=half if half and args.lora else torch.float32,
+    teacher = load_teacher(args.teacher, args.weights, device=device, log=log, resolution=args.resolution,
+                           weights_config=args.weights_config, dtype=half if half and args.lora else torch.float32,
                            autocast=half if half == torch.float16 or device.type == "cuda" else None)
     teacher.use_prompts(read_prompts(args.prompts))
     if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
@@ -557,9 +556,11 @@ def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, scaler, ema,
         state = dict(student=student.state_dict(), fake=fake.state_dict(), opt_student=opt_student.state_dict(),
                      opt_fake=opt_fake.state_dict(), iteration=torch.tensor(done), rank_rng=rank_rng)
         state.update({"ema": ema} if ema is not None else {}, **({"scaler": scaler.state_dict()} if scaler else {}))
-        save_checkpoint(run_dir, state, run_meta(teacher, args, config, done))
+        meta = run_meta(teacher, args, config, done)
+        save_checkpoint(run_dir, state, meta)
         if teacher.OUTPUT == "images":                 # the student for diffusers / ComfyUI, next to it
-            export.export_run(run_dir)
+            base = export.base_state(teacher.network) if args.lora and args.teacher == "pixart" else None
+            export.export_run(run_dir, state=state.get("ema", state["student"]), meta=meta, base=base)
 
 
 def restore(state, student, fake, opt_student, opt_fake, scaler, args, device, rank, world, log):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import (Attention, FeedForward, JSONConfig, build_and_load, checkpoint_shapes, checkpointed,
+from models import (MLP2, Attention, FeedForward, JSONConfig, build_and_load, checkpoint_shapes, checkpointed,
                     component_folder, read_state_dict, timestep_embedding)
 
 
@@ -110,6 +110,11 @@ class UNetConfig(JSONConfig):
     def time_embed_dim(self):
         return 4 * self.block_out_channels[0]
 
+    @property
+    def pooled_text_dim(self):
+        """SDXL: the width of the pooled text vector in the added embedding (1280), beside the six time ids."""
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+
 
 def sd15_unet_config():       # runwayml / stable-diffusion-v1-5 unet/config.json: 859,520,964 parameters
     return UNetConfig(sample_size=64, cross_attention_dim=768)
@@ -133,17 +138,6 @@ def _as_config(config):
 #################################################################################
 #                          Layers                                               #
 #################################################################################
-
-class MLP2(nn.Module):
-    """Linear-SiLU-Linear (diffusers TimestepEmbedding: keys linear_1, linear_2)."""
-    def __init__(self, dim_in, dim):
-        super().__init__()
-        self.linear_1 = nn.Linear(dim_in, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
-
 
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-Conv, plus the projected time embedding, GroupNorm-SiLU-Conv; 1x1 conv shortcut when the width
@@ -212,6 +206,11 @@ class Transformer2DModel(nn.Module):
         return h + x
 
 
+def spatial_transformer(c, dim, heads, depth):
+    """A block's Transformer2DModel as the UNetConfig `c` lays it out (context width, norm groups, projections)."""
+    return Transformer2DModel(dim, heads, depth, c.cross_attention_dim, c.norm_num_groups, c.use_linear_projection)
+
+
 class Downsample2D(nn.Module):
     """3x3 conv, stride 2, padding 1 (key `conv`)."""
     def __init__(self, dim):
@@ -244,9 +243,7 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock2D(cin if i == 0 else cout, cout, temb_dim, c.norm_num_groups,
                                                    c.norm_eps) for i in range(layers))
         if attention:
-            self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, depth, c.cross_attention_dim,
-                                                               c.norm_num_groups, c.use_linear_projection)
-                                            for _ in range(layers))
+            self.attentions = nn.ModuleList(spatial_transformer(c, cout, heads, depth) for _ in range(layers))
         if downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(cout)])
 
@@ -272,9 +269,7 @@ class UpBlock(nn.Module):
             ResnetBlock2D((cprev if i == 0 else cout) + (cin if i == layers - 1 else cout), cout, temb_dim,
                           c.norm_num_groups, c.norm_eps) for i in range(layers))
         if attention:
-            self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, depth, c.cross_attention_dim,
-                                                               c.norm_num_groups, c.use_linear_projection)
-                                            for _ in range(layers))
+            self.attentions = nn.ModuleList(spatial_transformer(c, cout, heads, depth) for _ in range(layers))
         if upsample:
             self.upsamplers = nn.ModuleList([Upsample2D(cout)])
 
@@ -293,8 +288,7 @@ class MidBlock(nn.Module):
     def __init__(self, dim, temb_dim, c, heads, depth):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock2D(dim, dim, temb_dim, c.norm_num_groups, c.norm_eps) for _ in range(2))
-        self.attentions = nn.ModuleList([Transformer2DModel(dim, heads, depth, c.cross_attention_dim,
-                                                            c.norm_num_groups, c.use_linear_projection)])
+        self.attentions = nn.ModuleList([spatial_transformer(c, dim, heads, depth)])
 
     def forward(self, h, temb, context):
         h = self.resnets[0](h, temb)

@@ -12,7 +12,7 @@ import torch
 
 import teachers
 import toy
-from fixtures import PROMPTS, write_tiny_pixart
+from fixtures import PROMPTS, tiny_sd_and_single_files, write_tiny_pixart
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,3 +71,12 @@ def tiny_pixart(tmp_path_factory):
 def tiny_pixart_ms(tmp_path_factory):
     """One tiny random 1024-MS-style PixArt pipeline folder (resolution / aspect-ratio micro-conditions), per session."""
     return write_tiny_pixart(str(tmp_path_factory.mktemp("tiny_pixart_ms") / "PixArt-tiny-ms"), ms=True)
+
+
+@pytest.fixture(scope="session", params=["sd15", "sdxl"])
+def tiny_sd_single(request, tmp_path_factory):
+    """(style, folder, {"safetensors": path, "ckpt": path}): a tiny SD1.5- or SDXL-style pipeline folder and the same
+    weights as original single files, with what real files also carry (a differing EMA copy, the schedule
+    buffers); shared by the UNet and VAE tests."""
+    style = request.param
+    return (style, *tiny_sd_and_single_files(str(tmp_path_factory.mktemp(f"single_{style}")), style))

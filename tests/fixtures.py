@@ -529,8 +529,16 @@ def clip_to_open_clip(sd):
            "ln_final.weight": sd["text_model.final_layer_norm.weight"],
            "ln_final.bias": sd["text_model.final_layer_norm.bias"],
            "text_projection": sd["text_projection.weight"].T.contiguous()}
+    out.update(resblocks_to_open_clip(sd, layers, "text_model.encoder.layers.", "transformer.resblocks."))
+    return out
+
+
+def resblocks_to_open_clip(sd, layers, hf_prefix, oc_prefix):
+    """transformers encoder layers `hf_prefix`N. -> open_clip resblocks `oc_prefix`N.: q, k, v fused row-wise into
+    attn.in_proj_weight / in_proj_bias; out_proj, layer norms and MLP renamed."""
+    out = {}
     for i in layers:
-        hf, oc = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        hf, oc = f"{hf_prefix}{i}.", f"{oc_prefix}{i}."
         for kind in ("weight", "bias"):
             out[f"{oc}attn.in_proj_{kind}"] = torch.cat([sd[f"{hf}self_attn.{n}_proj.{kind}"] for n in "qkv"])
             for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
@@ -722,13 +730,8 @@ def clip_model_to_open_clip(sd):
     out = clip_to_open_clip({k: v for k, v in sd.items() if k.startswith(("text_model.", "text_projection."))})
     vision = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
     out.update({"visual." + oc: vision[hf] for oc, hf in OPEN_CLIP_VISION.items()})
-    for i in sorted({int(k.split(".")[2]) for k in vision if k.startswith("encoder.layers.")}):
-        hf, oc = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[f"{oc}attn.in_proj_{kind}"] = torch.cat([vision[f"{hf}self_attn.{n}_proj.{kind}"] for n in "qkv"])
-            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                out[f"{oc}{b}.{kind}"] = vision[f"{hf}{a}.{kind}"]
+    layers = sorted({int(k.split(".")[2]) for k in vision if k.startswith("encoder.layers.")})
+    out.update(resblocks_to_open_clip(vision, layers, "encoder.layers.", "visual.transformer.resblocks."))
     out["visual.proj"] = sd["visual_projection.weight"].T.contiguous()
     out["logit_scale"] = sd["logit_scale"]
     return out

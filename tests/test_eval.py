@@ -233,7 +233,7 @@ def image_run(tmp_path_factory, tiny_pixart):
     return run, root, str(table)
 
 
-def test_image_eval_writes_the_metrics_table_and_side_by_side(image_run, capsys):
+def test_image_eval_writes_the_metrics_table_and_side_by_side(image_run):
     """eval.py RUN on images: rows teacher 25-step DPM with CFG (NFE 50), student K DDIM and DPM (NFE 4); every
     metric in range (HPS, CLIP score: 100 x cosine; aesthetic finite), FD / CMMD only for the students, >= 0; the
     speed-up over the teacher ~ the NFE ratio on the network alone; metrics.json, table.md and the PNG written."""

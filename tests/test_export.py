@@ -65,9 +65,20 @@ def _close(a, b):
     return err
 
 
+@pytest.fixture(scope="module")
+def lora_runs(root):
+    """{teacher: a LoRA run of rank 4, alpha 8 (scale 2: folded into the PEFT file)} for SD1.5 and SDXL."""
+    return {teacher: _run(root, teacher, f"{teacher}_lora", "--lora", "4", "--lora-alpha", "8")
+            for teacher in ("sd15", "sdxl")}
+
+
+def _unet_from(folder):
+    return lambda pipe, side: setattr(pipe, "unet", diffusers.UNet2DConditionModel.from_pretrained(folder))
+
+
 @pytest.mark.parametrize("teacher", ["sd15", "sdxl"])
-def test_lora_in_diffusers_and_kohya_naming_reproduce_the_student(root, teacher):
-    run = _run(root, teacher, f"{teacher}_lora", "--lora", "4", "--lora-alpha", "8")   # scale 2: folded in
+def test_lora_in_diffusers_and_kohya_naming_reproduce_the_student(lora_runs, root, teacher):
+    run = lora_runs[teacher]
     out = os.path.join(run, "export")
     assert sorted(os.listdir(out)) == ["README.md", "pytorch_lora_weights.safetensors", "tdm_lora_kohya.safetensors",
                                        "tdm_student.json"]                               # written by train.py
@@ -82,12 +93,11 @@ def test_lora_in_diffusers_and_kohya_naming_reproduce_the_student(root, teacher)
     assert (base_only - ours).abs().max() > 1e-2 * ours.abs().max()              # the LoRA matters, 100x the tolerance
 
 
-def test_kohya_keys_follow_comfyui_naming(root):
+def test_kohya_keys_follow_comfyui_naming(lora_runs, root):
     """ComfyUI maps a diffusers UNet key `<module>.weight` to the LoRA name `lora_unet_<module, '.' -> '_'>`: the names
     are those of the attention and feed-forward linear layers of diffusers' own UNet, each with lora_down (r, in),
     lora_up (out, r) and a scalar alpha."""
-    run = os.path.join(root, "runs", "sd15_lora")
-    kohya = S.read_state_dict(os.path.join(run, "export", "tdm_lora_kohya.safetensors"))
+    kohya = S.read_state_dict(os.path.join(lora_runs["sd15"], "export", "tdm_lora_kohya.safetensors"))
     unet = diffusers.UNet2DConditionModel.from_pretrained(str(root / "sd15" / "unet"))
     ends = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
             "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -105,14 +115,12 @@ def test_full_and_unify_students_as_diffusers_folders(root):
     run = _run(root, "sd15", "sd15_full")
     out = os.path.join(run, "export")
     x_T, prompts, ours = _ours(run)
-    load = lambda p, s: setattr(p, "unet", diffusers.UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")))
-    _close(_diffusers_latents(root, "sd15", out, x_T, prompts, load), ours)
+    _close(_diffusers_latents(root, "sd15", out, x_T, prompts, _unet_from(os.path.join(out, "unet"))), ours)
     unify = _run(root, "sd15", "sd15_unify", "--unify", "2,4")
     out = export.export_run(unify, os.path.join(unify, "export_k2"), K=2)
     assert json.load(open(os.path.join(out, "tdm_student.json")))["timesteps"] == [899, 449]
     x_T, prompts, ours = _ours(unify, K=2)
-    load = lambda p, s: setattr(p, "unet", diffusers.UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")))
-    _close(_diffusers_latents(root, "sd15", out, x_T, prompts, load), ours)
+    _close(_diffusers_latents(root, "sd15", out, x_T, prompts, _unet_from(os.path.join(out, "unet"))), ours)
     with pytest.raises(ValueError, match=r"--K 3: this TDM-unify student was trained for K in \[2, 4\]"):
         export.export_run(unify, K=3)
 

@@ -369,9 +369,9 @@ def test_lora_is_off_for_the_teacher_and_bf16(teacher):
 def test_encode_caches_per_prompt_and_runs_t5_once(folders, tmp_path, monkeypatch):
     monkeypatch.setenv("TDM_CACHE", str(tmp_path / "cache"))
     loads, runs = [], []
-    real_load, real_run = t5.load_t5, P.PixArtTeacher._run_encoder
+    real_load, real_run = t5.load_t5, P.PixArtTeacher.run_encoder
     monkeypatch.setattr(P, "load_t5", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    monkeypatch.setattr(P.PixArtTeacher, "_run_encoder", lambda self, texts: runs.append(list(texts)) or
+    monkeypatch.setattr(P.PixArtTeacher, "run_encoder", lambda self, texts: runs.append(list(texts)) or
                         real_run(self, texts))
     first = load_pixart(folders["512"], log=None)
     assert first.cache_folder.startswith(str(tmp_path / "cache")) and not loads       # lazy: no T5 yet
@@ -405,8 +405,8 @@ def test_encoder_options_and_folder_checks(folders, tmp_path, monkeypatch):
     """keep_encoder keeps the text encoder after encoding (free_encoder drops it), encoder_batch sets how many new
     prompts go through it per call, encoder_dtype its precision; the folder checks are classmethods."""
     monkeypatch.setenv("TDM_CACHE", str(tmp_path / "cache"))
-    runs, real_run = [], P.PixArtTeacher._run_encoder
-    monkeypatch.setattr(P.PixArtTeacher, "_run_encoder", lambda self, texts: runs.append(list(texts)) or
+    runs, real_run = [], P.PixArtTeacher.run_encoder
+    monkeypatch.setattr(P.PixArtTeacher, "run_encoder", lambda self, texts: runs.append(list(texts)) or
                         real_run(self, texts))
     kept = load_pixart(folders["512"], keep_encoder=True, encoder_batch=2, encoder_dtype=torch.bfloat16, log=None)
     kept.encode(["one", "two", "three"])

@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 import unet as U
-from fixtures import randomize, tiny_sd_and_single_files, tiny_sd_unet, write_real_size_skeleton
+from fixtures import randomize, tiny_sd_unet, write_real_size_skeleton
 from fixtures import unet_to_ldm as fixture_unet_to_ldm
 from models import read_state_dict
 
@@ -230,14 +230,6 @@ def test_real_size_key_coverage(release, factory, n_params, n_tensors):
 #                          Original single files                                #
 #################################################################################
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def single(request, tmp_path_factory):
-    """A tiny SD1.5- or SDXL-style pipeline folder and the same weights as original single files (.safetensors, and
-    .ckpt = {'state_dict': ...}), with what real files also carry: a different EMA copy, the schedule buffers."""
-    style = request.param
-    return (style, *tiny_sd_and_single_files(str(tmp_path_factory.mktemp(f"single_{style}")), style))
-
-
 def sd_inputs(style, config, H=8, W=8, seed=2):
     """(x, t, 77-token text, SDXL micro-conditions) for a UNet of `config`."""
     g = torch.Generator().manual_seed(seed)
@@ -253,10 +245,10 @@ def sd_inputs(style, config, H=8, W=8, seed=2):
 
 
 @pytest.mark.parametrize("ext", ["safetensors", "ckpt"])
-def test_single_file_parity_with_diffusers(single, ext):
+def test_single_file_parity_with_diffusers(tiny_sd_single, ext):
     """The single file loads in ours and in diffusers' single-file loader to the same ε, and in ours to exactly the
     weights of the diffusers folder (not the EMA copy)."""
-    style, folder, files = single
+    style, folder, files = tiny_sd_single
     model = U.load_unet(files[ext], config=os.path.join(folder, "unet", "config.json"))
     from_folder = U.load_unet(folder)
     dm = UNet2DConditionModel.from_single_file(files[ext], config=folder, subfolder="unet", local_files_only=True)
@@ -270,8 +262,8 @@ def test_single_file_parity_with_diffusers(single, ext):
         assert diff < TOL and torch.equal(out, ours(from_folder, *args))
 
 
-def test_single_file_errors_name_the_problem(single, tmp_path):
-    style, folder, files = single
+def test_single_file_errors_name_the_problem(tiny_sd_single, tmp_path):
+    style, folder, files = tiny_sd_single
     other = "sdxl" if style == "sd15" else "sd15"
     config = U.UNetConfig.from_json(os.path.join(folder, "unet", "config.json"))
     wrong = tiny_sd_unet(other).config                               # the other release's tiny layout, forced

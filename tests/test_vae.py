@@ -15,7 +15,7 @@ import diffusers
 import pytest
 import torch
 
-from fixtures import reference_keys, tiny_sd_and_single_files, vae_to_ldm, write_real_size_skeleton, write_tiny_vae
+from fixtures import reference_keys, vae_to_ldm, write_real_size_skeleton, write_tiny_vae
 from models import read_state_dict
 from vae import VAE, VAEConfig, load_vae, sd_vae_config, sdxl_vae_config, vae_state_dict_from_any
 
@@ -143,24 +143,16 @@ def test_bad_inputs_raise_clear_errors(root, tmp_path):
 #                          Full SD1.5 / SDXL single files                       #
 #################################################################################
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def single(request, tmp_path_factory):
-    """A tiny SD1.5- or SDXL-style pipeline folder and the same weights as original single files (.safetensors and
-    .ckpt), with an EMA copy of the UNet and the schedule buffers."""
-    style = request.param
-    return (style, *tiny_sd_and_single_files(str(tmp_path_factory.mktemp(f"single_{style}")), style))
-
-
 def _same_weights(a, b):
     return a.state_dict().keys() == b.state_dict().keys() and all(
         torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
 @pytest.mark.parametrize("ext", ["safetensors", "ckpt"])
-def test_vae_from_full_single_files(single, ext):
+def test_vae_from_full_single_files(tiny_sd_single, ext):
     """first_stage_model.* of a full SD1.5 / SDXL file: the same encode / decode as diffusers' from_single_file, the
     same weights as the diffusers folder."""
-    style, folder, files = single
+    style, folder, files = tiny_sd_single
     config = VAEConfig.from_json(os.path.join(folder, "vae", "config.json"))
     ref = diffusers.AutoencoderKL.from_single_file(files[ext], config=folder, subfolder="vae", local_files_only=True)
     vae = load_vae(files[ext], config=config)
@@ -168,10 +160,10 @@ def test_vae_from_full_single_files(single, ext):
     vae_check(vae, ref.eval(), f"{style} .{ext} single file")
 
 
-def test_vae_only_files_and_files_without_a_vae(single, tmp_path):
+def test_vae_only_files_and_files_without_a_vae(tiny_sd_single, tmp_path):
     """VAE-only files, bare or under `vae.`, load alike; a file without VAE keys and unexpected VAE keys are errors."""
     from safetensors.torch import save_file
-    style, folder, files = single
+    style, folder, files = tiny_sd_single
     config = VAEConfig.from_json(os.path.join(folder, "vae", "config.json"))
     ldm = {k[len("first_stage_model."):]: v
            for k, v in read_state_dict(files["safetensors"], prefixes=("first_stage_model.",)).items()}
