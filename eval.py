@@ -265,16 +265,9 @@ class ImageScorer:
 
 def read_eval_prompts(path):
     """[(style, prompt)] from a file of `style<TAB>prompt` lines (eval_prompts.txt) or plain prompt lines (style
-    ''); '#' lines are comments."""
-    rows = []
-    for line in read_prompts(path):
-        if line.startswith("#"):
-            continue
-        style, _, prompt = line.rpartition("\t")
-        rows.append((style.strip(), prompt.strip()))
-    if not rows:
-        raise ValueError(f"{path!r} holds no prompts (only comments); expected `style<TAB>prompt` or prompt lines")
-    return rows
+    ''); '#' lines are comments (teachers.read_prompts)."""
+    return [(style.strip(), prompt.strip()) for style, _, prompt in
+            (line.rpartition("\t") for line in read_prompts(path))]
 
 
 def samplers(meta, teacher_steps, cfg):
