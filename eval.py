@@ -154,7 +154,7 @@ def evaluate(teacher, student=None, n=50000, cfg=1.0, teacher_steps=(1, 2, 4, 8,
 
 def curve_logger(teacher, net, K_list, cfg, t_max, unify, path, n=20000):
     """A function it -> row that appends the SW2 / mode error of `net` (the student, or its EMA swapped in by the
-    caller) at each K in K_list (fixed labels and noise, n samples) to the JSON-lines file `path`; row 0 also
+    caller) at each K in K_list (fixed labels and noise, n samples) to the JSON-lines file `path` (if any); row 0 also
     holds the teacher's 4- and 100-step SW2 on the same reference."""
     labels = teacher.sample_labels(n, torch.Generator().manual_seed(123))
     ref = teacher.gmm.sample(n, labels=labels, generator=torch.Generator().manual_seed(124))[0] \
@@ -170,8 +170,9 @@ def curve_logger(teacher, net, K_list, cfg, t_max, unify, path, n=20000):
             x = student_samples(teacher, net, labels, K, t_max, unify)
             row[f"sw2_{K}"] = sliced_w2_sorted(x, ref_sorted)
             row[f"mode_{K}"] = mode_coverage_error(x, teacher.gmm)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if path:                                               # None: a data-parallel rank other than 0
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         return row
     return log
 

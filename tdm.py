@@ -280,6 +280,7 @@ class TDMConfig:
     fake_reg: float = 0.0            # pull the fake toward the teacher (authors' follow-up: 0.02; official 0)
     grad_clip: float = 1.0           # student only (official); <= 0 turns it off
     fake_grad_clip: float = 0.0      # official: none
+    lockstep: bool = False           # FSDP: rollouts to K-1, whole batch, same calls per rank (docs/method.md §14)
 
     def __post_init__(self):
         if self.importance not in ("tempered", "exact", "off"):
@@ -330,7 +331,7 @@ def tdm_step(student, fake, teacher, cond, uncond, opt_student, opt_fake, config
     k = torch.randint(K, (B,), device=device)
     t_g, t_m_grid = _step_times(k, grid, t_next)
     # (1) The student's trajectory up to each sample's point x_{t_k}: k calls, no grad.
-    xs, _, _ = rollout(stu, x_T, cond, sch, grid, depth=k)
+    xs, _, _ = rollout(stu, x_T, cond, sch, grid, depth=torch.full_like(k, K - 1) if c.lockstep else k)
     x_g = _gather(xs, k)                                                 # (B, ...) detached x_{t_k}
     x0_hat = stu(x_g, t_g, cond)                                         # the only path with grad
     x0_sg = x0_hat.detach()

@@ -64,6 +64,8 @@ def _step_count_kwargs(net, K):
     """{'step_count': K} for a TDM-unify network (models.StepCountEmbedding), {} when K is None."""
     if K is None:
         return {}
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):      # train.py under torchrun: the wrapper
+        net = net.module
     if not isinstance(net, StepCountEmbedding):
         raise ValueError("a step count K was given to a network without a step embedding; build the student with "
                          "step counts (train.py --unify does this)")

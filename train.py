@@ -14,7 +14,6 @@ metric curve), metrics.json, figure.png, curve.png; for image teachers previews/
 """
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 import eval as ev
 import export
+import parallel
 import sample
 import tdm
 from models import read_state_dict, save_safetensors, trainable_lora_views, unify_keys_from_flat
@@ -125,6 +125,14 @@ def parse_args(argv=None):
                    "as the official code (x0 8x closer to fp32 than bf16, docs/method.md §12); the toy runs in fp32")
     g.add_argument("--grad-checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="image teachers: auto = on for GPU")
+    g = p.add_argument_group("data parallel (under torchrun; docs/method.md §14)")
+    g.add_argument("--parallel", default=None, choices=parallel.MODES,
+                   help="ddp (default): DistributedDataParallel; fsdp: FSDP2, weights, gradients and AdamW states "
+                   "sharded over the GPUs (full fine-tunes too big for one); hooks: per-parameter all-reduce "
+                   "(the baseline of benchmark.py --parallel)")
+    g.add_argument("--fsdp-teacher", default=None, choices=["shard", "replicate"],
+                   help="--parallel fsdp: the frozen teacher sharded too (default; least memory) or whole on every "
+                   "GPU (no gathers in its forwards)")
     g = p.add_argument_group("logging")
     g.add_argument("--eval-every", type=int, default=200, help="toy: iterations between metric-curve points (0 = off)")
     g.add_argument("--eval-n", type=int, default=20000, help="toy: samples per curve point")
@@ -176,6 +184,14 @@ def check_args(p, args):
                 "teachers (e.g. --teacher pixart); the toy MLP runs in full, in fp32")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         p.error(f"--resolution {args.resolution}: pass a multiple of 8 pixels (the VAE's factor), e.g. 512 or 1024")
+    if args.parallel == "fsdp" and args.lora:
+        p.error("--parallel fsdp shards full fine-tunes; a --lora run trains small adapters on one shared base: "
+                "use --parallel ddp (the default)")
+    if args.parallel == "fsdp" and args.unify:
+        p.error("--unify with --parallel fsdp: each rank draws its own K, so the ranks would run different numbers "
+                "of sharded forwards; use --parallel ddp")
+    if args.fsdp_teacher and args.parallel != "fsdp":
+        p.error("--fsdp-teacher is for --parallel fsdp")
     if not points and args.toy_target:
         p.error(f"--toy-target is for the toy teachers, not --teacher {args.teacher}")
     args.toy_target = args.toy_target or ("ring" if points else None)
@@ -185,10 +201,10 @@ def resume_settings(args, argv):
     """The run's own saved settings, except these when given again on this command line; and its checkpoint."""
     state, old = load_checkpoint(args.resume)
     keep = {"iters", "resume", "eval_every", "eval_n", "final_eval_n", "figure_n", "save_every", "preview_every",
-            "device", "resolution"}
+            "device", "resolution", "parallel", "fsdp_teacher"}
     given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
              if a.startswith("--")}
-    saved = dict(old["args"])
+    saved = {k: v for k, v in old["args"].items() if k not in ("parallel", "fsdp_teacher")}   # this launch's
     if "no_importance" in saved:                # written before --importance replaced --no-importance
         saved["importance"] = "off" if saved.pop("no_importance") else "tempered"
     if "shared_interval" in saved:              # written before --interval replaced --shared-interval
@@ -337,7 +353,7 @@ def tdm_config(args):
                          separate=args.interval == "separate", randmid=args.randmid, importance=args.importance,
                          loss=args.loss, huber_c=args.huber_c, normalise=not args.no_normalise, tau_min=args.tau_min,
                          margin=args.margin, snr_clamp=args.snr_clamp, fake_updates=args.fake_updates,
-                         fake_reg=args.fake_reg, grad_clip=args.grad_clip)
+                         fake_reg=args.fake_reg, grad_clip=args.grad_clip, lockstep=args.parallel == "fsdp")
 
 
 def generator_lr(args, i):
@@ -363,130 +379,42 @@ def weights_swapped(module, state):
 
 
 #################################################################################
-#                          Data parallel (torchrun)                             #
-#################################################################################
-
-def init_distributed(device):
-    """Under torchrun (RANK set): join the process group, one GPU per process. -> (rank, world, device).
-    Without torchrun: (0, 1, device), and nothing below does anything."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    # generous timeout: the other ranks wait while rank 0 encodes a large prompt file or writes a checkpoint
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def average_gradients(params, world):
-    """Data parallel without a wrapper: each gradient is averaged over the processes as soon as backward has
-    accumulated it, so gradient clipping and the optimiser step see the global batch's gradient on every rank
-    (and the weights stay identical). Every rank runs the same backwards, so the collectives line up."""
-    def hook(p):
-        dist.all_reduce(p.grad)
-        p.grad.div_(world)
-    for p in params:
-        p.register_post_accumulate_grad_hook(hook)
-
-
-def share_weights(nets, world, seed, rank):
-    """Rank 0's initial weights everywhere, gradients averaged from now on; then each rank its own noise."""
-    if world == 1:
-        return
-    params = [p for net in nets for p in net.parameters()]
-    for p in params:
-        dist.broadcast(p.data, 0)
-    average_gradients(params, world)
-    torch.manual_seed(rank_seed(seed, rank))
-
-
-@contextlib.contextmanager
-def rank0_first(rank, world):
-    """Rank 0 runs the block first (it fills the disk caches: toy teacher fit, prompt embeddings), then the
-    other ranks run it and find the caches filled."""
-    if world > 1 and rank > 0:
-        dist.barrier()
-    yield
-    if world > 1 and rank == 0:
-        dist.barrier()
-
-
-def check_in_sync(net, world):
-    """Raise if the processes' copies of `net` differ (a checksum, compared at every checkpoint)."""
-    if world == 1:
-        return
-    c = sum(p.detach().double().sum() for p in net.parameters())
-    both = torch.stack([c, -c]).to(next(net.parameters()).device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    if both[0] != c or -both[1] != c:
-        raise RuntimeError("data-parallel ranks out of sync: a network's weights differ between processes")
-
-
-def rank_seed(seed, rank, iteration=0):
-    """The seed of one process's own noise stream (rank 0 of a fresh run keeps `seed` itself)."""
-    return seed + 1_000_003 * rank + iteration
-
-
-def rng_states(device, world):
-    """[the RNG states of every process] (one entry without torchrun), so a resume continues each stream."""
-    s = dict(rng=torch.get_rng_state())
-    if device.type == "cuda":
-        s["cuda_rng"] = torch.cuda.get_rng_state(device).cpu()
-    ranks = [s] if world == 1 else [None] * world
-    if world > 1:
-        dist.all_gather_object(ranks, s)
-    return ranks
-
-
-def set_rng_states(saved, device, rank, world, seed, iteration, log):
-    """Restore the RNG streams of a checkpoint; if it was written by another number of processes, reseed
-    (the run goes on, but not bit-exactly as an uninterrupted one would; likewise on another device type)."""
-    ranks = saved.get("rank_rng") or [{k: saved[k] for k in ("rng", "cuda_rng") if k in saved}]   # or older format
-    if len(ranks) != world:
-        log(f"warning: the checkpoint was written by {len(ranks)} process(es), this run has {world}: "
-            "reseeding each process; the resumed run is not bit-exact")
-        torch.manual_seed(rank_seed(seed, rank, iteration))
-        return
-    if ("cuda_rng" in ranks[rank]) != (device.type == "cuda"):
-        log(f"warning: the checkpoint was written on {'cuda' if 'cuda_rng' in ranks[rank] else 'cpu'}, this run is on "
-            f"{device.type}: its noise comes from another generator; the resumed run is not bit-exact")
-    torch.set_rng_state(ranks[rank]["rng"])
-    if device.type == "cuda" and "cuda_rng" in ranks[rank]:
-        torch.cuda.set_rng_state(ranks[rank]["cuda_rng"], device)
-
-
-#################################################################################
 #                          Training                                             #
 #################################################################################
 
 def main(argv=None):
     args = parse_args(argv)
     args, resume_state = resume_settings(args, argv) if args.resume else (args, None)
-    rank, world, device = init_distributed(pick_device(args))
+    rank, world, device = parallel.init_distributed(pick_device(args))
+    if world == 1 and args.parallel:
+        raise ValueError(f"--parallel {args.parallel} is for runs under torchrun with 2 or more processes, e.g. "
+                         "torchrun --standalone --nproc_per_node 8 train.py ...")
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} is the global batch: it must divide by the {world} processes")
-    batch, main_proc = args.batch // world, rank == 0         # only rank 0 logs, evaluates, previews and writes
+    batch, main_proc = args.batch // world, rank == 0         # only rank 0 logs and writes
     progress = Progress(args.iters, main_proc)
     torch.manual_seed(args.seed)
 
-    with rank0_first(rank, world):
+    with parallel.rank0_first(rank, world):
         teacher = build_teacher(args, device, progress.log)
     run_dir = os.path.join(args.out or ".", args.name or teacher.run_name)
     os.makedirs(run_dir, exist_ok=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)          # the peak reported at the end: training, not encoding
     student, fake = build_student_and_fake(teacher, args)
-    share_weights((student, fake), world, args.seed, rank)
+    # DDP wrappers (or the networks, sharded in place) for training; the networks themselves to save and sample
+    train_nets = parallel.parallelise(student, fake, teacher, args.parallel or "ddp", world, rank, args.seed,
+                                      shard_teacher=args.fsdp_teacher != "replicate")
+    sharded = parallel.is_sharded(student)       # FSDP: evaluations and previews need every rank's forward
     opt_student, opt_fake = build_optimisers(student, fake, args)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None   # fp16: scaled losses
     config = tdm_config(args)
     start, ema = restore(resume_state, student, fake, opt_student, opt_fake, scaler, args, device, rank, world,
-                         progress.log)
-    watch = (ToyWatch if teacher.OUTPUT == "points" else ImagePreviews)(teacher, student, ema, args, run_dir, start) \
-        if main_proc else None
+                         sharded, progress.log)
+    watch = (ToyWatch if teacher.OUTPUT == "points" else ImagePreviews)(teacher, student, ema, args, run_dir, start,
+                                                                        main_proc) if main_proc or sharded else None
 
-    as_x0 = (sample.student_x0(teacher, student), sample.student_x0(teacher, fake))   # tdm.py's denoisers
+    as_x0 = tuple(sample.student_x0(teacher, net) for net in train_nets)   # tdm.py's denoisers
     t0, step_time = progress.begin(start), 0.0  # step_time: the TDM steps alone (no evaluations, checkpoints)
     saved = start                                # the iteration of the checkpoint on disk (0: none yet)
     for it in range(start, args.iters):
@@ -509,15 +437,16 @@ def main(argv=None):
     progress.close()
     train_time = time.time() - t0
 
+    if watch:
+        watch.finish(train_time)
     if dist.is_initialized():
         dist.destroy_process_group()
     if main_proc:
-        watch.finish(train_time)
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" \
             if device.type == "cuda" else ""
         print(f"wrote {run_dir}/; training took {train_time:.0f} s: {step_time / max(1, args.iters - start):.3f} "
               f"s/iter in TDM steps, {train_time - step_time:.0f} s in evaluations, previews and checkpoints{peak}"
-              + (f" ({world} processes, {batch} samples each)" if world > 1 else ""))
+              + (f" ({world} processes, {batch} samples each, {args.parallel or 'ddp'})" if world > 1 else ""))
     return run_dir
 
 
@@ -548,14 +477,18 @@ def stop_if_not_finite(logs, scaler, done, saved, run_dir, world):
 
 def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, scaler, ema, teacher, args, config, device,
                world):
-    """Every rank: check the weights agree and gather the RNG streams; rank 0 writes ckpt.* and student.*."""
-    check_in_sync(student, world)
-    check_in_sync(fake, world)
-    rank_rng = rng_states(device, world)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        state = dict(student=student.state_dict(), fake=fake.state_dict(), opt_student=opt_student.state_dict(),
-                     opt_fake=opt_fake.state_dict(), iteration=torch.tensor(done), rank_rng=rank_rng)
-        state.update({"ema": ema} if ema is not None else {}, **({"scaler": scaler.state_dict()} if scaler else {}))
+    """Every rank: check the weights agree (or gather the shards) and the RNG streams; rank 0 writes ckpt.* and
+    student.*. The files hold whole tensors in every mode, so a run resumes under any number of processes."""
+    parallel.check_in_sync(student, world)
+    parallel.check_in_sync(fake, world)
+    rank_rng = parallel.rng_states(device, world)
+    main_proc = not dist.is_initialized() or dist.get_rank() == 0
+    state = dict(student=student.state_dict(), fake=fake.state_dict(), opt_student=opt_student.state_dict(),
+                 opt_fake=opt_fake.state_dict(), **({"ema": ema} if ema is not None else {}))
+    state = parallel.full_state(state, keep=main_proc)         # FSDP: shards -> whole tensors on rank 0
+    if main_proc:
+        state.update(iteration=torch.tensor(done), rank_rng=rank_rng,
+                     **({"scaler": scaler.state_dict()} if scaler else {}))
         meta = run_meta(teacher, args, config, done)
         save_checkpoint(run_dir, state, meta)
         if teacher.OUTPUT == "images":                 # the student for diffusers / ComfyUI, next to it
@@ -563,23 +496,25 @@ def checkpoint(run_dir, done, student, fake, opt_student, opt_fake, scaler, ema,
             export.export_run(run_dir, state=state.get("ema", state["student"]), meta=meta, base=base)
 
 
-def restore(state, student, fake, opt_student, opt_fake, scaler, args, device, rank, world, log):
+def restore(state, student, fake, opt_student, opt_fake, scaler, args, device, rank, world, sharded, log):
     """-> (first iteration, EMA state or None). Loads a resumed run's networks, optimisers, gradient scaler, EMA
-    and RNG streams;
-    a fresh run with --ema starts the EMA at the student's weights (rank 0 alone keeps, saves and samples it)."""
-    start, ema = 0, None
+    and RNG streams (whole tensors, split here when the networks are sharded). A fresh run with --ema starts the
+    EMA at the student's weights. Rank 0 alone keeps, saves and samples the EMA; under FSDP each rank keeps the
+    EMA of its own shards."""
+    start, ema, keeper = 0, None, rank == 0 or sharded
     if state is not None:
-        student.load_state_dict(state["student"])
-        fake.load_state_dict(state["fake"])
-        opt_student.load_state_dict(state["opt_student"])
-        opt_fake.load_state_dict(state["opt_fake"])
+        parallel.load_state(student, state["student"])
+        parallel.load_state(fake, state["fake"])
+        parallel.load_optimizer_state(opt_student, state["opt_student"])
+        parallel.load_optimizer_state(opt_fake, state["opt_fake"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        if rank == 0 and "ema" in state:
-            ema = {k: v.to(device) for k, v in state["ema"].items()}
+        if keeper and "ema" in state:
+            own = student.state_dict()
+            ema = {k: parallel.sharded_like(v.to(device), own[k]) for k, v in state["ema"].items()}
         start = int(state["iteration"])
-        set_rng_states(state, device, rank, world, args.seed, start, log)
-    if ema is None and args.ema > 0 and rank == 0:
+        parallel.set_rng_states(state, device, rank, world, args.seed, start, log)
+    if ema is None and args.ema > 0 and keeper:
         ema = {k: v.detach().clone() for k, v in student.state_dict().items()}
     return start, ema
 
@@ -633,22 +568,24 @@ class Progress:
 
 class ToyWatch:
     """Toy runs: a metric curve (metrics.jsonl) every --eval-every iterations; at the end the final metric table
-    (metrics.json), figure.png and curve.png."""
-    def __init__(self, teacher, student, ema, args, run_dir, start):
+    (metrics.json), figure.png and curve.png. Under FSDP every rank runs it (the sharded student needs them all in
+    its forwards) and rank 0 (`main`) writes."""
+    def __init__(self, teacher, student, ema, args, run_dir, start, main=True):
         self.teacher, self.student, self.ema, self.args, self.run_dir = teacher, student, ema, args, run_dir
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.main, self.path = main, os.path.join(run_dir, "metrics.jsonl")
         K_list = args.unify_steps or (args.steps,)
         self.point = ev.curve_logger(teacher, student, K_list, args.cfg, args.t_max, bool(args.unify_steps),
-                                     self.path, n=args.eval_n) if args.eval_every else None
-        if start == 0:
+                                     self.path if main else None, n=args.eval_n) if args.eval_every else None
+        if start == 0 and main:
             open(self.path, "w").close()
+        if start == 0:
             self.after(0, print)
 
     def after(self, done, log):
         if self.point and done % self.args.eval_every == 0:
             with weights_swapped(self.student, self.ema):
                 row = self.point(done)
-            if done:
+            if done and self.main:
                 log(f"iter {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "iteration"))
 
     def finish(self, train_time):
@@ -657,23 +594,25 @@ class ToyWatch:
             if a.final_eval_n:
                 rows = ev.evaluate(self.teacher, net, n=a.final_eval_n, cfg=a.cfg, t_max=a.t_max, unify=unify,
                                    student_steps=a.unify_steps or (1, 2, 4))
+            if a.final_eval_n and self.main:
                 print(ev.format_table(rows))
                 _write_json(dict(rows=rows, cfg=a.cfg, train_seconds=train_time, iters=a.iters),
                             os.path.join(self.run_dir, "metrics.json"))
             if a.figure_n:
                 K = max(a.unify_steps) if unify else a.steps
-                sample.toy_figure(self.teacher, net, a.cfg, K, a.t_max, unify, n=a.figure_n).save(
-                    os.path.join(self.run_dir, "figure.png"))
-        if os.path.exists(self.path) and os.path.getsize(self.path):    # a resumed run may have had no curve points
+                figure = sample.toy_figure(self.teacher, net, a.cfg, K, a.t_max, unify, n=a.figure_n)
+                if self.main:
+                    figure.save(os.path.join(self.run_dir, "figure.png"))
+        if self.main and os.path.exists(self.path) and os.path.getsize(self.path):   # (a resumed run: maybe none)
             sample.curve_plot(self.path).save(os.path.join(self.run_dir, "curve.png"))
 
 
 class ImagePreviews:
     """Image runs: previews/<iteration>.png every --preview-every iterations and at the end: the first 4 prompts
     at 1 step (top) and K steps (bottom), or one row per K of TDM-unify; fixed noise, no CFG (as the official
-    code's 1- and 4-step previews)."""
-    def __init__(self, teacher, student, ema, args, run_dir, start, n=4):
-        self.teacher, self.student, self.ema, self.args = teacher, student, ema, args
+    code's 1- and 4-step previews). Under FSDP every rank samples and rank 0 (`main`) writes."""
+    def __init__(self, teacher, student, ema, args, run_dir, start, main=True, n=4):
+        self.teacher, self.student, self.ema, self.args, self.main = teacher, student, ema, args, main
         self.folder = os.path.join(run_dir, "previews")
         os.makedirs(self.folder, exist_ok=True)
         prompts = teacher.prompts[:n]
@@ -689,6 +628,8 @@ class ImagePreviews:
         with weights_swapped(self.student, self.ema) as net:
             rows = [sample.student_sample(self.teacher, net, self.x_T, self.cond, K, a.t_max, bool(a.unify_steps))
                     for K in (a.unify_steps or (1, a.steps))]
+        if not self.main:
+            return
         images = self.teacher.decode(torch.cat(rows))
         sample.image_grid(images, cols=self.cols).save(os.path.join(self.folder, f"{done:06d}.png"))
 

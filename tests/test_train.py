@@ -1,5 +1,5 @@
 """train.py: the CLI end to end (toy and PixArt), exact resume (also of runs written in older layouts), the defaults
-of each teacher, errors for bad flags, progress output in logs, and data parallel under torchrun (CPU, gloo).
+of each teacher, errors for bad flags, progress output in logs, (data parallel: test_parallel.py).
 
 The toy runs use a cheaply fitted toy teacher (conftest.fast_toy_teacher); the PixArt runs a tiny random pipeline
 folder (fixtures.write_tiny_pixart).
@@ -14,10 +14,9 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
+import parallel
 import sample
 import teachers
 import train
@@ -109,11 +108,11 @@ def test_resume_on_another_device_type_warns():
     restored, and the log says the run is not bit-exact; a CPU checkpoint on the CPU restores silently."""
     state = torch.get_rng_state()
     logged = []
-    train.set_rng_states({"rank_rng": [{"rng": state, "cuda_rng": torch.zeros(16, dtype=torch.uint8)}]},
+    parallel.set_rng_states({"rank_rng": [{"rng": state, "cuda_rng": torch.zeros(16, dtype=torch.uint8)}]},
                          torch.device("cpu"), 0, 1, 0, 10, logged.append)
     assert len(logged) == 1 and "written on cuda, this run is on cpu" in logged[0]
     assert torch.equal(torch.get_rng_state(), state)
-    train.set_rng_states({"rank_rng": [{"rng": state}]}, torch.device("cpu"), 0, 1, 0, 10, logged.append)
+    parallel.set_rng_states({"rank_rng": [{"rng": state}]}, torch.device("cpu"), 0, 1, 0, 10, logged.append)
     assert len(logged) == 1
 
 
@@ -354,77 +353,6 @@ def test_grad_checkpointing_flag_reaches_student_and_fake(setup, monkeypatch):
     assert seen["flags"] == (True, True)
     _train(root, folder, prompts, "ckpt_auto", "--iters", "1", "--preview-every", "0")
     assert seen["flags"] == (False, False)
-
-
-#################################################################################
-#                          Data parallel (torchrun)                             #
-#################################################################################
-
-def _hook_worker(rank, world, store_path):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    net = torch.nn.Linear(3, 2)                                       # the same initial weights on both ranks
-    train.average_gradients(list(net.parameters()), world)
-    data = [torch.randn(5, 3, generator=torch.Generator().manual_seed(10 + r)) for r in range(world)]
-    net(data[rank]).square().sum().backward()                         # each rank: its own data
-    grads = []                                                        # the same, recomputed for every rank's data
-    for x in data:
-        ref = torch.nn.Linear(3, 2)
-        ref.load_state_dict(net.state_dict())
-        ref(x).square().sum().backward()
-        grads.append([p.grad for p in ref.parameters()])
-    for p, *gs in zip(net.parameters(), *grads):
-        assert torch.allclose(p.grad, sum(gs) / world, atol=1e-6), (rank, p.grad, gs)
-    dist.destroy_process_group()
-
-
-def test_average_gradients_gives_every_rank_the_mean_gradient(tmp_path):
-    # forked workers: they start at once (a spawned one would import torch and this module again, ~4 s each here)
-    mp.start_processes(_hook_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True, start_method="fork")
-
-
-def _torchrun(*args, check=True):
-    """train.py under torchrun with 2 processes on CPU (gloo) -> its CompletedProcess. Launches run one at a time:
-    two --standalone rendezvous started side by side can race for the same free port."""
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = p.communicate(timeout=300)
-    finally:
-        p.kill()
-    assert p.returncode == 0 or not check, out[-3000:] + err[-3000:]
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
-def test_torchrun_toy_resume_equals_uninterrupted(fast_toy_teacher, tmp_path):
-    common = ["--out", str(tmp_path), "--batch", "64", "--eval-every", "0", "--final-eval-n", "0", "--figure-n", "0"]
-    _torchrun(*common, "--name", "straight", "--iters", "6")
-    _torchrun(*common, "--name", "split", "--iters", "3")
-    r = _torchrun("--resume", str(tmp_path / "split"), "--iters", "6")
-    assert "2 processes, 32 samples each" in r.stdout
-    a, b = (train.read_state_dict(os.path.join(tmp_path, name, "ckpt.safetensors")) for name in ("straight", "split"))
-    assert a.keys() == b.keys()
-    for k in a:                                                       # weights, AdamW states and RNG streams
-        assert torch.equal(a[k], b[k]), k
-    state, _ = train.load_checkpoint(tmp_path / "straight")
-    assert len(state["rank_rng"]) == 2                                # both ranks' RNG streams are saved
-    # both ranks drew their own noise: their saved RNG states differ
-    assert not torch.equal(state["rank_rng"][0]["rng"], state["rank_rng"][1]["rng"])
-
-
-def test_torchrun_pixart_lora(tmp_path, tiny_pixart):
-    folder, prompts = tiny_pixart
-    _torchrun("--teacher", "pixart", "--weights", folder, "--prompts", prompts, "--out", str(tmp_path),
-              "--name", "ddp", "--batch", "4", "--iters", "2", "--lora", "4", "--preview-every", "2")
-    state, meta = train.load_checkpoint(tmp_path / "ddp")
-    assert meta["iteration"] == 2 and os.path.exists(tmp_path / "ddp" / "previews" / "000002.png")
-    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in state["student"].items())
-
-
-def test_batch_must_divide_by_the_processes(tmp_path):
-    r = _torchrun("--out", str(tmp_path), "--batch", "5", "--iters", "1", check=False)
-    assert r.returncode != 0 and "must divide by the 2 processes" in r.stderr
 
 
 @pytest.mark.parametrize("script,argv,words", [
