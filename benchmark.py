@@ -9,6 +9,7 @@
     python benchmark.py --memory-only               # computed weights+grads+AdamW of PixArt-XL-2 (meta device)
     python benchmark.py --memory-only --teacher sdxl   # the same for the SDXL UNet
     python benchmark.py --precision                 # x0 error of bf16 autocast against fp32 at high t
+    torchrun --standalone --nproc_per_node 8 benchmark.py --parallel --full-size --device cuda   # hooks vs DDP vs FSDP2
 
 The official pattern (train_tdm_demo.py, docs/method.md §9) rolls out all K steps, recomputes the
 student prediction in the fake phase, calls the teacher there without using the result, and runs the
@@ -25,7 +26,9 @@ import time
 from math import nan
 
 import torch
+import torch.distributed as dist
 
+import parallel
 import tdm
 from models import trainable_lora_views
 from pixart import PixArtConfig, dit_from_config, pixart_xl_2_1024_ms_config, pixart_xl_2_512_config
@@ -159,8 +162,9 @@ class RowCounter:
         self.calls += 1
 
 
-def setup(config, device, lora, dtype, batch, autocast=None, name="pixart", resolution=None):
-    """Teacher around a random network, student/fake (two copies, or two adapters of one base), optimisers, conds."""
+def setup(config, device, lora, dtype, batch, autocast=None, name="pixart", resolution=None, engine=None):
+    """Teacher around a random network, student/fake (two copies, or two adapters of one base), optimisers, conds.
+    `engine` (under torchrun): parallel.parallelise's mode, applied before the optimisers are built."""
     torch.manual_seed(0)
     # As train.py: LoRA adapters on a base in `dtype` (bf16 on GPU); a full fine-tune copies an fp32 teacher.
     net = NETWORKS[name][0](config, device=device).to(dtype if lora else torch.float32)
@@ -171,20 +175,24 @@ def setup(config, device, lora, dtype, batch, autocast=None, name="pixart", reso
     else:
         student, fake = copy_network(net), copy_network(net)
         nets = [net, student, fake]
+    calls = (student, fake)
+    if engine:
+        calls = parallel.parallelise(student, fake, teacher, engine, dist.get_world_size(), dist.get_rank(), 0)
     opt_s = torch.optim.AdamW(student.parameters(), lr=1e-6, betas=(0.0, 0.95))
     opt_f = torch.optim.AdamW(fake.parameters(), lr=1e-6, betas=(0.0, 0.95))
     cond, uncond = random_conditions(config, batch, device)
-    return teacher, student_x0(teacher, student), student_x0(teacher, fake), opt_s, opt_f, cond, uncond, nets
+    return teacher, *(student_x0(teacher, n) for n in calls), opt_s, opt_f, cond, uncond, nets
 
 
-def measure(step, args, config, device, lora, dtype, name="pixart", resolution=None):
+def measure(step, args, config, device, lora, dtype, name="pixart", resolution=None, engine=None):
     autocast = torch.bfloat16 if device.type == "cuda" else None
     teacher, student, fake, opt_s, opt_f, cond, uncond, nets = setup(config, device, lora, dtype, args.batch, autocast,
-                                                                     name, resolution)
+                                                                     name, resolution, engine)
     if args.checkpointing:
         for n in nets:
             n.gradient_checkpointing = True
-    tdm_config = tdm.TDMConfig(K=4, cfg=TEACHERS[name].DEFAULTS["cfg"])
+    # data parallel rows: every engine makes the same calls (lockstep rollouts, as FSDP needs), so only it differs
+    tdm_config = tdm.TDMConfig(K=4, cfg=TEACHERS[name].DEFAULTS["cfg"], lockstep=engine is not None)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         step(student, fake, teacher, cond, uncond, opt_s, opt_f, tdm_config)
@@ -201,6 +209,43 @@ def measure(step, args, config, device, lora, dtype, name="pixart", resolution=N
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     return dict(rows=counter.rows / args.iters / args.batch, calls=counter.calls / args.iters, sec=sec, peak=peak,
                 state=state_gib(nets))
+
+
+def per_gpu_memory(config, world, build=dit_from_config):
+    """Computed GiB per GPU of a full fine-tune on `world` GPUs (weights, grads, fp32 AdamW; activations
+    excluded). DDP: the fp32 teacher, student and fake whole, plus DDP's gradient buckets (a second copy of the
+    trainable gradients). FSDP2: 1/world of each sharded network, plus what is gathered at once: the root's
+    parameters and two units (the running one and the prefetched next), fp32."""
+    with torch.device("meta"):
+        net = copy_network(build(config))
+    n = sum(p.numel() for p in net.parameters())
+    units = [sum(p.numel() for p in u.parameters()) for u in parallel.shard_units(net)]
+    gib = 4 / 2 ** 30                                                  # fp32 bytes per parameter, in GiB
+    teacher, trainable = n * gib, 2 * 4 * n * gib                      # student and fake: weights, grads, 2 moments
+    gathered = (n - sum(units) + 2 * max(units)) * gib
+    return dict(params=n, world=world, ddp=teacher + trainable + 2 * n * gib,
+                fsdp=(teacher + trainable) / world + gathered, fsdp_replicate=teacher + trainable / world + gathered)
+
+
+def parallel_table(args, config, device, dtype):
+    """Under torchrun: seconds per TDM iteration of each data-parallel engine on the same networks (the hooks, DDP;
+    full fine-tune and LoRA; FSDP2 full). Each rank runs --batch samples; rank 0 prints."""
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    rows = {}
+    for engine, lora in (("hooks", 0), ("ddp", 0), ("fsdp", 0), ("hooks", 1), ("ddp", 1)):
+        r = measure(tdm.tdm_step, args, config, device, lora and args.lora, dtype, args.teacher, None, engine)
+        rows[f"{engine}, {'LoRA' if lora else 'full'}"] = r
+    if rank == 0:
+        print(f"{describe(config)}, {world} processes x batch {args.batch}, K=4, device {device.type}")
+        for name, r in rows.items():
+            print(f"  {name:12s} {r['sec']:8.3f} s/iter  ({r['sec'] / rows['hooks, ' + name.split(', ')[1]]['sec']:.2f}"
+                  "x the hooks)")
+    dist.destroy_process_group()
+    return rows
 
 
 PATTERNS = [("official pattern, full", official_step, 0), ("ours (tdm_step), full", tdm.tdm_step, 0),
@@ -296,6 +341,9 @@ def main(argv=None):
                    "process on a 53M-parameter DiT (12 layers, hidden 512), peak RSS above the bare process's")
     p.add_argument("--precision", action="store_true", help="x0 error of bf16 autocast against fp32 at t = 224 ... "
                    "889 on a random DiT (12 layers, hidden 512; --full-size: PixArt-XL-2)")
+    p.add_argument("--gpus", type=int, default=8, help="--memory-only: GPUs of the per-GPU rows (DDP, FSDP2)")
+    p.add_argument("--parallel", action="store_true", help="under torchrun: s/iter of the data-parallel engines "
+                   "(hooks, DDP, FSDP2) on the same networks")
     p.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)   # internal: one row, print JSON
     p.add_argument("--rss-config", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -316,7 +364,13 @@ def main(argv=None):
         print(f"  full fine-tune (fp32 teacher + student + fake) {m['full']:6.1f} GiB")
         print(f"  LoRA rank {args.lora} on one shared base          {m['lora']:6.1f} GiB  "
               f"({m['lora'] / m['full']:.2f}x full)")
-        return m
+        g = per_gpu_memory(full(args.resolution), args.gpus, build)
+        print(f"full fine-tune on {args.gpus} GPUs, per GPU: DDP {g['ddp']:.1f} GiB (with its gradient buckets); FSDP2 "
+              f"{g['fsdp']:.1f} GiB (teacher sharded), {g['fsdp_replicate']:.1f} GiB (teacher replicated)")
+        return dict(m, per_gpu=g)
+    if args.parallel:
+        return parallel_table(args, full(args.resolution) if args.full_size else small, torch.device(args.device),
+                              torch.bfloat16 if args.device == "cuda" else torch.float32)
     device = torch.device(args.device)
     config = full(args.resolution) if args.full_size else RSS_CONFIG if args.rss_config else small
     resolution = args.resolution if args.full_size else None

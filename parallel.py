@@ -101,8 +101,7 @@ def parallelise(student, fake, teacher, mode, world, rank, seed, shard_teacher=T
         return student, fake
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        wrap = lambda net: DDP(net, broadcast_buffers=False)      # rank 0's weights are broadcast on wrapping
-        student_call, fake_call = wrap(student), wrap(fake)
+        student_call, fake_call = DDP(student), DDP(fake)        # rank 0's weights are broadcast on wrapping
     else:
         params = [p for net in (student, fake) for p in net.parameters()]
         for p in params:
@@ -151,7 +150,11 @@ def shard_units(net):
 
 def shard(net):
     """FSDP2 in place: each unit of `shard_units`, then the root (which gathers the remaining parameters)."""
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise RuntimeError(f"--parallel fsdp needs FSDP2 (torch >= 2.6); this is torch {torch.__version__}: "
+                           "upgrade torch, or use --parallel ddp") from None
     for unit in shard_units(net):
         fully_shard(unit)
     fully_shard(net)

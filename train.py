@@ -6,7 +6,8 @@
     python train.py --teacher pixart --weights PixArt-XL-2-512x512 --lora 64   # the real thing (GPU)
     python train.py --teacher sd15 --weights v1-5-pruned-emaonly.safetensors --lora 64   # SD1.5, a single file
     python train.py --teacher sdxl --weights stable-diffusion-xl-base-1.0 --lora 64      # SDXL, 512 px first
-    torchrun --standalone --nproc_per_node 2 train.py --teacher pixart --weights ...   # data parallel, 2 GPUs
+    torchrun --standalone --nproc_per_node 2 train.py --teacher pixart --weights ...   # data parallel (DDP), 2 GPUs
+    torchrun --standalone --nproc_per_node 8 train.py --teacher sdxl --weights ... --parallel fsdp   # sharded (FSDP2)
 
 Writes runs/<name>/: student.safetensors + student.json (the student to sample; the EMA when on),
 ckpt.safetensors + ckpt.json (everything needed to resume), and for the toy metrics.jsonl (the
@@ -184,17 +185,24 @@ def check_args(p, args):
                 "teachers (e.g. --teacher pixart); the toy MLP runs in full, in fp32")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         p.error(f"--resolution {args.resolution}: pass a multiple of 8 pixels (the VAE's factor), e.g. 512 or 1024")
-    if args.parallel == "fsdp" and args.lora:
-        p.error("--parallel fsdp shards full fine-tunes; a --lora run trains small adapters on one shared base: "
-                "use --parallel ddp (the default)")
-    if args.parallel == "fsdp" and args.unify:
-        p.error("--unify with --parallel fsdp: each rank draws its own K, so the ranks would run different numbers "
-                "of sharded forwards; use --parallel ddp")
-    if args.fsdp_teacher and args.parallel != "fsdp":
-        p.error("--fsdp-teacher is for --parallel fsdp")
+    if parallel_conflict(args):
+        p.error(parallel_conflict(args))
     if not points and args.toy_target:
         p.error(f"--toy-target is for the toy teachers, not --teacher {args.teacher}")
     args.toy_target = args.toy_target or ("ring" if points else None)
+
+
+def parallel_conflict(args):
+    """The one-line reason the run's settings cannot run under --parallel, or None (checked again on --resume)."""
+    if args.parallel == "fsdp" and args.lora:
+        return ("--parallel fsdp shards full fine-tunes; a --lora run trains small adapters on one shared base: "
+                "use --parallel ddp (the default)")
+    if args.parallel == "fsdp" and args.unify:
+        return ("--unify with --parallel fsdp: each rank draws its own K, so the ranks would run different numbers "
+                "of sharded forwards; use --parallel ddp")
+    if args.fsdp_teacher and args.parallel != "fsdp":
+        return "--fsdp-teacher is for --parallel fsdp"
+    return None
 
 
 def resume_settings(args, argv):
@@ -220,6 +228,8 @@ def resume_settings(args, argv):
     if TEACHERS[args.teacher].OUTPUT == "points" and args.resolution:
         raise ValueError(f"--resolution is for image teachers; {args.resume!r} is a --teacher {args.teacher} run")
     args.unify_steps = sample.parse_step_counts(args.unify, "--unify", args.t_max)
+    if parallel_conflict(args):
+        raise ValueError(f"--resume {args.resume}: {parallel_conflict(args)}")
     args.out, args.name = os.path.split(os.path.normpath(args.resume))
     return args, state
 

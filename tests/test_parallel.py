@@ -118,9 +118,9 @@ def test_two_processes_equal_one_at_the_same_global_batch(mode, lora, tmp_path):
     the 3e-3 travel). 5e-5 leaves 20x room and is 100x below what a rank training on its own half gives (5.6e-3
     here, the all-reduce removed)."""
     out = tmp_path / "state.pt"
-    # forked workers start at once (a spawned one would import torch and this module again, ~4 s each here)
+    # spawned, not forked: a child forked from this process (which has run torch's thread pools) can hang
     mp.start_processes(_worker, args=(2, str(tmp_path / "store"), mode, lora, str(out)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     got = torch.load(out)
     student, fake, _, opts = _nets(lora)
     _train(student, fake, opts, slice(0, B), lora)                             # one process, the whole batch
@@ -154,7 +154,7 @@ def _hook_worker(rank, world, store_path):
 
 
 def test_average_gradients_gives_every_rank_the_mean_gradient(tmp_path):
-    mp.start_processes(_hook_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_hook_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True, start_method="spawn")
 
 
 def test_shard_units_are_the_innermost_blocks():
@@ -203,19 +203,24 @@ def _ckpt(path):
 def test_torchrun_toy_every_mode_and_exact_resume(fast_toy_teacher, tmp_path):
     """DDP and the hooks average the same gradients (a/2 + b/2 = (a + b)/2 exactly in floats): equal bit for bit.
     FSDP2 computes the clipped norm from per-shard sums: equal to DDP to a few float32 ulps. A run stopped at
-    iteration 3 and resumed (under FSDP2, or under DDP from the FSDP2 checkpoint) equals the uninterrupted one
-    bit for bit: weights, AdamW moments, the EMA and both ranks' RNG streams."""
+    iteration 3 and resumed equals the uninterrupted one bit for bit, under DDP and under FSDP2: weights, AdamW
+    moments, the EMA and both ranks' RNG streams."""
     common = ["--out", str(tmp_path), "--batch", "64", "--eval-every", "0", "--final-eval-n", "0", "--figure-n", "0"]
     for mode in ("ddp", "hooks", "fsdp"):
         _torchrun(*common, "--name", mode, "--iters", "6", "--parallel", mode)
-    _torchrun(*common, "--name", "split", "--iters", "3", "--parallel", "fsdp")
-    r = _torchrun("--resume", str(tmp_path / "split"), "--iters", "6", "--parallel", "fsdp")
+    for mode in ("ddp", "fsdp"):
+        _torchrun(*common, "--name", f"split-{mode}", "--iters", "3", "--parallel", mode)
+    r = _torchrun("--resume", str(tmp_path / "split-fsdp"), "--iters", "6", "--parallel", "fsdp")
     assert "2 processes, 32 samples each, fsdp" in r.stdout
-    ddp, hooks, fsdp, split = (_ckpt(tmp_path / n) for n in ("ddp", "hooks", "fsdp", "split"))
-    assert ddp.keys() == hooks.keys() == fsdp.keys() == split.keys()
+    r = _torchrun("--resume", str(tmp_path / "split-ddp"), "--iters", "6")                  # ddp: the default
+    assert "2 processes, 32 samples each, ddp" in r.stdout
+    ddp, hooks, fsdp, split_ddp, split_fsdp = (_ckpt(tmp_path / n) for n in ("ddp", "hooks", "fsdp", "split-ddp",
+                                                                             "split-fsdp"))
+    assert ddp.keys() == hooks.keys() == fsdp.keys() == split_ddp.keys() == split_fsdp.keys()
     for k in ddp:
         assert torch.equal(ddp[k], hooks[k]), k
-        assert torch.equal(fsdp[k], split[k]), k
+        assert torch.equal(ddp[k], split_ddp[k]), k
+        assert torch.equal(fsdp[k], split_fsdp[k]), k
         if ddp[k].is_floating_point():
             assert torch.allclose(fsdp[k], ddp[k], rtol=1e-5, atol=1e-6), k
     assert any(not torch.equal(fsdp[k], ddp[k]) for k in ddp if k.startswith("student"))  # it did shard
@@ -254,3 +259,10 @@ def test_parallel_flag_errors(argv, words, tmp_path):
                        capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     assert r.returncode in (1, 2) and len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_resume_refuses_fsdp_for_a_unify_run(fast_toy_teacher, tmp_path):
+    run = train.main(["--out", str(tmp_path), "--name", "unify", "--unify", "1,2", "--iters", "1", "--batch", "8",
+                      "--eval-every", "0", "--final-eval-n", "0", "--figure-n", "0"])
+    with pytest.raises(ValueError, match="--unify with --parallel fsdp"):
+        train.main(["--resume", run, "--parallel", "fsdp", "--iters", "2"])
