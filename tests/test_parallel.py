@@ -95,6 +95,7 @@ def _worker(rank, world, store, mode, lora, out):
         if rank == 0:
             state["round_trip"] = again
         assert all(parallel.is_dtensor(p) for p in s2.parameters())
+        assert all(parallel.is_dtensor(v) for o in o2 for st in o.state.values() for k, v in st.items() if k != "step")
         assert all(parallel.is_dtensor(p) for p in base.parameters())            # the teacher is sharded too
     if rank == 0:
         torch.save(state, out)
