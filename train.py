@@ -450,6 +450,7 @@ def main(argv=None):
     if watch:
         watch.finish(train_time)
     if dist.is_initialized():
+        dist.barrier()                           # leave together: rank 0 may still be writing the last checkpoint
         dist.destroy_process_group()
     if main_proc:
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" \
