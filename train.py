@@ -200,6 +200,9 @@ def parallel_conflict(args):
     if args.parallel == "fsdp" and args.unify:
         return ("--unify with --parallel fsdp: each rank draws its own K, so the ranks would run different numbers "
                 "of sharded forwards; use --parallel ddp")
+    if args.parallel == "fsdp" and args.precision == "fp16":
+        return ("--precision fp16 with --parallel fsdp: the gradient scaler would see only each rank's shard of the "
+                "gradients and skip steps on some ranks only; use --precision bf16 (the GPU default)")
     if args.fsdp_teacher and args.parallel != "fsdp":
         return "--fsdp-teacher is for --parallel fsdp"
     return None

@@ -254,6 +254,7 @@ def test_batch_must_divide_by_the_processes(tmp_path):
 @pytest.mark.parametrize("argv,words", [
     (["--parallel", "fsdp"], "is for runs under torchrun with 2 or more processes"),
     (["--teacher", "pixart", "--weights", "x", "--lora", "4", "--parallel", "fsdp"], "use --parallel ddp"),
+    (["--teacher", "pixart", "--weights", "x", "--precision", "fp16", "--parallel", "fsdp"], "use --precision bf16"),
     (["--fsdp-teacher", "shard"], "--fsdp-teacher is for --parallel fsdp")])
 def test_parallel_flag_errors(argv, words, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--iters", "1"], cwd=tmp_path,
