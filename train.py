@@ -411,7 +411,8 @@ def main(argv=None):
     with parallel.rank0_first(rank, world):
         teacher = build_teacher(args, device, progress.log)
     run_dir = os.path.join(args.out or ".", args.name or teacher.run_name)
-    os.makedirs(run_dir, exist_ok=True)
+    if main_proc:
+        os.makedirs(run_dir, exist_ok=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)          # the peak reported at the end: training, not encoding
     student, fake = build_student_and_fake(teacher, args)
@@ -628,7 +629,8 @@ class ImagePreviews:
     def __init__(self, teacher, student, ema, args, run_dir, start, main=True, n=4):
         self.teacher, self.student, self.ema, self.args, self.main = teacher, student, ema, args, main
         self.folder = os.path.join(run_dir, "previews")
-        os.makedirs(self.folder, exist_ok=True)
+        if main:
+            os.makedirs(self.folder, exist_ok=True)
         prompts = teacher.prompts[:n]
         self.x_T = torch.randn((len(prompts), *teacher.sample_shape),
                                generator=torch.Generator().manual_seed(args.seed)).to(teacher.device)
