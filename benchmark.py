@@ -230,11 +230,10 @@ def per_gpu_memory(config, world, build=dit_from_config):
 def parallel_table(args, config, device, dtype):
     """Under torchrun: seconds per TDM iteration of each data-parallel engine on the same networks (the hooks, DDP;
     full fine-tune and LoRA; FSDP2 full). Each rank runs --batch samples; rank 0 prints."""
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.type == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    rank, world, device = parallel.init_distributed(device)
+    if world == 1:
+        raise SystemExit("benchmark.py --parallel: run it under torchrun, e.g. torchrun --standalone "
+                         "--nproc_per_node 2 benchmark.py --parallel")
     rows = {}
     for engine, lora in (("hooks", 0), ("ddp", 0), ("fsdp", 0), ("hooks", 1), ("ddp", 1)):
         r = measure(tdm.tdm_step, args, config, device, lora and args.lora, dtype, args.teacher, None, engine)

@@ -30,10 +30,16 @@ def init_distributed(device):
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started process {local} on a node where torch sees {torch.cuda.device_count()} "
+                             "GPU(s): pass --nproc_per_node at most the number of GPUs (or set CUDA_VISIBLE_DEVICES)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    # generous timeout: the other ranks wait while rank 0 encodes a large prompt file or writes a checkpoint
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    # GPU tensors through NCCL, CPU ones (the NaN flag, RNG states) through gloo. Generous timeout: the other ranks
+    # wait while rank 0 encodes a large prompt file or writes a checkpoint
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -107,8 +113,10 @@ def parallelise(student, fake, teacher, mode, world, rank, seed, shard_teacher=T
         for p in params:
             dist.broadcast(p.data, 0)                            # rank 0's weights everywhere
         if mode == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            mesh = init_device_mesh(params[0].device.type, (world,))      # where the networks are, not cuda:0
             for net in (student, fake) + ((teacher.network,) if shard_teacher else ()):
-                shard(net)
+                shard(net, mesh)
         else:
             average_gradients(params, world)
         student_call, fake_call = student, fake
@@ -148,16 +156,17 @@ def shard_units(net):
     return units
 
 
-def shard(net):
-    """FSDP2 in place: each unit of `shard_units`, then the root (which gathers the remaining parameters)."""
+def shard(net, mesh):
+    """FSDP2 in place over `mesh`: each unit of `shard_units`, then the root (which gathers the remaining
+    parameters)."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
         raise RuntimeError(f"--parallel fsdp needs FSDP2 (torch >= 2.6); this is torch {torch.__version__}: "
                            "upgrade torch, or use --parallel ddp") from None
     for unit in shard_units(net):
-        fully_shard(unit)
-    fully_shard(net)
+        fully_shard(unit, mesh=mesh)
+    fully_shard(net, mesh=mesh)
 
 
 def is_sharded(net):
@@ -165,7 +174,10 @@ def is_sharded(net):
 
 
 def is_dtensor(x):
-    from torch.distributed.tensor import DTensor
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                     # torch < 2.5: no public DTensor, and nothing here is sharded
+        return False
     return isinstance(x, DTensor)
 
 
@@ -200,15 +212,20 @@ def full_state(obj, keep=True):
 
 
 def sharded_like(full, own):
-    """`full` (a whole tensor from a checkpoint) split as `own` is: a DTensor with own's mesh and placements (this
-    rank keeps its own piece, no communication), or `full` itself when `own` is a plain tensor."""
+    """`full` (a whole tensor from a checkpoint) split as `own` is: a DTensor with own's mesh and placement, this
+    rank keeping its own piece (cut on the CPU, no communication), or `full` itself when `own` is a plain tensor.
+    FSDP2 shards dim 0 over a 1-D mesh as torch.chunk does (trailing ranks may hold empty pieces)."""
     if not is_dtensor(own):
         return full
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    piece = distribute_tensor(full.to(own.device, own.dtype), own.device_mesh, own.placements, src_data_rank=None)
-    # its local tensor is a view into the whole one: a compact copy lets the whole tensor go (SDXL: 10 GB per GPU)
-    return DTensor.from_local(piece.to_local().clone(), own.device_mesh, own.placements, shape=piece.shape,
-                              stride=piece.stride())
+    from torch.distributed.tensor import DTensor, Shard
+    if own.device_mesh.ndim != 1 or tuple(own.placements) != (Shard(0),):
+        raise ValueError(f"sharded tensor placed as {own.placements} on a {own.device_mesh.ndim}-D mesh: "
+                         "parallel.py writes 1-D meshes sharded on dim 0 only")
+    pieces = torch.chunk(full, own.device_mesh.size(), dim=0)
+    rank = own.device_mesh.get_local_rank()
+    piece = pieces[rank] if rank < len(pieces) else full[:0]
+    return DTensor.from_local(piece.to(own.device, own.dtype, copy=True).contiguous(), own.device_mesh,
+                              own.placements, shape=full.shape, stride=full.stride())
 
 
 def load_state(net, state):

@@ -130,7 +130,7 @@ def parse_args(argv=None):
     g.add_argument("--parallel", default=None, choices=parallel.MODES,
                    help="ddp (default): DistributedDataParallel; fsdp: FSDP2, weights, gradients and AdamW states "
                    "sharded over the GPUs (full fine-tunes too big for one); hooks: per-parameter all-reduce "
-                   "(the baseline of benchmark.py --parallel)")
+                   "(the baseline of benchmark.py --parallel). A resumed run keeps its own unless given")
     g.add_argument("--fsdp-teacher", default=None, choices=["shard", "replicate"],
                    help="--parallel fsdp: the frozen teacher sharded too (default; least memory) or whole on every "
                    "GPU (no gathers in its forwards)")
@@ -215,7 +215,10 @@ def resume_settings(args, argv):
             "device", "resolution", "parallel", "fsdp_teacher"}
     given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
              if a.startswith("--")}
-    saved = {k: v for k, v in old["args"].items() if k not in ("parallel", "fsdp_teacher")}   # this launch's
+    saved = dict(old["args"])
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:       # one process: the run's data-parallel engine does not apply
+        for k in ("parallel", "fsdp_teacher"):
+            saved.pop(k, None)
     if "no_importance" in saved:                # written before --importance replaced --no-importance
         saved["importance"] = "off" if saved.pop("no_importance") else "tempered"
     if "shared_interval" in saved:              # written before --interval replaced --shared-interval
@@ -413,12 +416,14 @@ def main(argv=None):
     run_dir = os.path.join(args.out or ".", args.name or teacher.run_name)
     if main_proc:
         os.makedirs(run_dir, exist_ok=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)          # the peak reported at the end: training, not encoding
     student, fake = build_student_and_fake(teacher, args)
-    # DDP wrappers (or the networks, sharded in place) for training; the networks themselves to save and sample
+    # DDP wrappers (or the networks, sharded in place) for training; the networks themselves to save and sample.
+    # FSDP: until here every GPU held the three networks whole (docs/method.md §14)
     train_nets = parallel.parallelise(student, fake, teacher, args.parallel or "ddp", world, rank, args.seed,
                                       shard_teacher=args.fsdp_teacher != "replicate")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)          # the peak reported at the end: training, not set-up
     sharded = parallel.is_sharded(student)       # FSDP: evaluations and previews need every rank's forward
     opt_student, opt_fake = build_optimisers(student, fake, args)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None   # fp16: scaled losses

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parallel
+from pixart import load_pixart
 import tdm
 import train
 from models import LoRAView, StepCountEmbedding, ToyMLP, add_lora
@@ -211,7 +212,7 @@ def test_torchrun_toy_every_mode_and_exact_resume(fast_toy_teacher, tmp_path):
         _torchrun(*common, "--name", mode, "--iters", "6", "--parallel", mode)
     for mode in ("ddp", "fsdp"):
         _torchrun(*common, "--name", f"split-{mode}", "--iters", "3", "--parallel", mode)
-    r = _torchrun("--resume", str(tmp_path / "split-fsdp"), "--iters", "6", "--parallel", "fsdp")
+    r = _torchrun("--resume", str(tmp_path / "split-fsdp"), "--iters", "6")                 # the run's own engine
     assert "2 processes, 32 samples each, fsdp" in r.stdout
     r = _torchrun("--resume", str(tmp_path / "split-ddp"), "--iters", "6")                  # ddp: the default
     assert "2 processes, 32 samples each, ddp" in r.stdout
@@ -224,7 +225,6 @@ def test_torchrun_toy_every_mode_and_exact_resume(fast_toy_teacher, tmp_path):
         assert torch.equal(fsdp[k], split_fsdp[k]), k
         if ddp[k].is_floating_point():
             assert torch.allclose(fsdp[k], ddp[k], rtol=1e-5, atol=1e-6), k
-    assert any(not torch.equal(fsdp[k], ddp[k]) for k in ddp if k.startswith("student"))  # it did shard
     state, _ = train.load_checkpoint(tmp_path / "ddp")
     assert not torch.equal(state["rank_rng"][0]["rng"], state["rank_rng"][1]["rng"])   # per-rank noise streams
 
@@ -241,9 +241,11 @@ def test_torchrun_pixart(tmp_path, tiny_pixart):
         assert meta["iteration"] == 2 and os.path.exists(tmp_path / name / "previews" / "000002.png")
         assert os.path.exists(tmp_path / name / "export" / "tdm_student.json")
         assert any(trained in k for k in state["student"])
-    full, _ = train.load_checkpoint(tmp_path / "fsdp")
-    assert all(v.shape == full["opt_student"]["state"][0]["exp_avg"].shape
-               for v in [full["opt_student"]["state"][0]["exp_avg_sq"]])          # whole tensors, not shards
+    full, _ = train.load_checkpoint(tmp_path / "fsdp")                           # whole tensors, not shards
+    net = load_pixart(os.path.join(folder, "transformer"))
+    assert {k: v.shape for k, v in full["student"].items()} == {k: v.shape for k, v in net.state_dict().items()}
+    moments = [full["opt_student"]["state"][i]["exp_avg_sq"].shape for i in range(len(list(net.parameters())))]
+    assert moments == [p.shape for p in net.parameters()]
 
 
 def test_batch_must_divide_by_the_processes(tmp_path):
