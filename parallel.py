@@ -6,8 +6,8 @@ all-reduce hooks; the per-rank noise streams; and checkpoint states gathered fro
 
 The semantics are the same in every mode (docs/method.md §14): --batch is the global batch, split evenly; every
 process draws its own noise (seed + 1,000,003 * rank); gradients are averaged over the processes before clipping
-and the optimiser step, so the weights are those of one process at the global batch; rank 0 alone writes.
-Without torchrun every function here is a no-op.
+and the optimiser step, so each step is the one a single process would take on the same global batch; rank 0
+alone writes. Without torchrun (one process) the networks are trained as they are.
 """
 import contextlib
 import datetime
