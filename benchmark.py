@@ -217,13 +217,13 @@ def per_gpu_memory(config, world, build=dit_from_config):
     trainable gradients). FSDP2: 1/world of each sharded network, plus what is gathered at once: the root's
     parameters and two units (the running one and the prefetched next), fp32."""
     with torch.device("meta"):
-        net = copy_network(build(config))
-    n = sum(p.numel() for p in net.parameters())
-    units = [sum(p.numel() for p in u.parameters()) for u in parallel.shard_units(net)]
-    gib = 4 / 2 ** 30                                                  # fp32 bytes per parameter, in GiB
-    teacher, trainable = n * gib, 2 * 4 * n * gib                      # student and fake: weights, grads, 2 moments
-    gathered = (n - sum(units) + 2 * max(units)) * gib
-    return dict(params=n, world=world, ddp=teacher + trainable + 2 * n * gib,
+        net = build(config).requires_grad_(False)                      # the fp32 teacher, as train.py holds it
+        copy = copy_network(net)                                       # student or fake
+    gib = lambda modules: sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2 ** 30
+    teacher, trainable, grads = state_gib([net]), 2 * state_gib([copy]), 2 * gib([copy])
+    units = parallel.shard_units(copy)
+    gathered = gib([copy]) - gib(units) + 2 * max(gib([u]) for u in units)
+    return dict(params=sum(p.numel() for p in net.parameters()), world=world, ddp=teacher + trainable + grads,
                 fsdp=(teacher + trainable) / world + gathered, fsdp_replicate=teacher + trainable / world + gathered)
 
 

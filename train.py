@@ -185,8 +185,8 @@ def check_args(p, args):
                 "teachers (e.g. --teacher pixart); the toy MLP runs in full, in fp32")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         p.error(f"--resolution {args.resolution}: pass a multiple of 8 pixels (the VAE's factor), e.g. 512 or 1024")
-    if parallel_conflict(args):
-        p.error(parallel_conflict(args))
+    if conflict := parallel_conflict(args):
+        p.error(conflict)
     if not points and args.toy_target:
         p.error(f"--toy-target is for the toy teachers, not --teacher {args.teacher}")
     args.toy_target = args.toy_target or ("ring" if points else None)
@@ -234,8 +234,8 @@ def resume_settings(args, argv):
     if TEACHERS[args.teacher].OUTPUT == "points" and args.resolution:
         raise ValueError(f"--resolution is for image teachers; {args.resume!r} is a --teacher {args.teacher} run")
     args.unify_steps = sample.parse_step_counts(args.unify, "--unify", args.t_max)
-    if parallel_conflict(args):
-        raise ValueError(f"--resume {args.resume}: {parallel_conflict(args)}")
+    if conflict := parallel_conflict(args):
+        raise ValueError(f"--resume {args.resume}: {conflict}")
     args.out, args.name = os.path.split(os.path.normpath(args.resume))
     return args, state
 
@@ -531,7 +531,8 @@ def restore(state, student, fake, opt_student, opt_fake, scaler, args, device, r
             scaler.load_state_dict(state["scaler"])
         if keeper and "ema" in state:
             own = student.state_dict()
-            ema = {k: parallel.sharded_like(v.to(device), own[k]) for k, v in state["ema"].items()}
+            # a shard is cut on the CPU and arrives on the device; a whole tensor (rank 0, ddp) moves there
+            ema = {k: parallel.sharded_like(v, own[k]).to(device) for k, v in state["ema"].items()}
         start = int(state["iteration"])
         parallel.set_rng_states(state, device, rank, world, args.seed, start, log)
     if ema is None and args.ema > 0 and keeper:

@@ -30,7 +30,7 @@ B, STEPS = 8, 3                     # global batch, optimiser steps
 #################################################################################
 
 def _nets(lora):
-    """(student, fake, frozen teacher network, optimisers): two TDM-unify copies of a toy MLP, or two LoRA views
+    """(student, fake, frozen teacher network): two TDM-unify copies of a toy MLP, or two LoRA views
     on one frozen base; the same weights in every process (seeded)."""
     torch.manual_seed(0)
     base = ToyMLP(width=32, depth=2)
@@ -45,8 +45,11 @@ def _nets(lora):
         for net in (student, fake):
             net.net.load_state_dict(base.state_dict())
             torch.nn.init.normal_(net.table.weight, std=0.1)
-    opts = [torch.optim.AdamW(n.parameters(), lr=1e-3, weight_decay=0.01) for n in (student, fake)]
-    return student, fake, base, opts
+    return student, fake, base
+
+
+def _adamw(*nets):
+    return [torch.optim.AdamW(n.parameters(), lr=1e-3, weight_decay=0.01) for n in nets]
 
 
 def _data():
@@ -76,17 +79,17 @@ def _state(student, fake, opts, keep=True):
 
 def _worker(rank, world, store, mode, lora, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    student, fake, base, opts = _nets(lora)
+    student, fake, base = _nets(lora)
     calls = parallel.parallelise(student, fake, SimpleNamespace(network=base), mode, world, rank, seed=0)
-    opts = [torch.optim.AdamW(n.parameters(), lr=1e-3, weight_decay=0.01) for n in (student, fake)]   # after sharding
+    opts = _adamw(student, fake)                                               # after sharding
     per_rank = B // world
     _train(*calls, opts, slice(rank * per_rank, (rank + 1) * per_rank), lora)   # each rank: its half of the batch
     state = _state(student, fake, opts, keep=rank == 0)
     if mode == "fsdp":
         # the checkpoint's whole tensors, loaded into freshly sharded networks and optimisers, give the same state
-        s2, f2, base2, _ = _nets(lora)
+        s2, f2, base2 = _nets(lora)
         parallel.parallelise(s2, f2, SimpleNamespace(network=base2), mode, world, rank, seed=0)
-        o2 = [torch.optim.AdamW(n.parameters(), lr=1e-3, weight_decay=0.01) for n in (s2, f2)]
+        o2 = _adamw(s2, f2)
         full = _state(student, fake, opts)                                     # every rank: the whole tensors
         for net, key in ((s2, "student"), (f2, "fake")):
             parallel.load_state(net, full[key])
@@ -124,7 +127,8 @@ def test_two_processes_equal_one_at_the_same_global_batch(mode, lora, tmp_path):
     mp.start_processes(_worker, args=(2, str(tmp_path / "store"), mode, lora, str(out)), nprocs=2, join=True,
                        start_method="spawn")
     got = torch.load(out)
-    student, fake, _, opts = _nets(lora)
+    student, fake, _ = _nets(lora)
+    opts = _adamw(student, fake)
     _train(student, fake, opts, slice(0, B), lora)                             # one process, the whole batch
     want = _flat(_state(student, fake, opts))
     for name, state in [("trained", got)] + ([("round trip", got["round_trip"])] if mode == "fsdp" else []):
