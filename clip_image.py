@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import load_exact, read_state_dict
+from models import build_and_load, read_state_dict
 
 
 #################################################################################
@@ -115,6 +115,5 @@ def load_aesthetic(path, dtype=None):
                          f"{{weight,bias}} (Linear 768 -> 1024 -> 128 -> 64 -> 16 -> 1), found {len(sd)} keys like "
                          f"{sorted(sd)[:3]}; pass sac+logos+ava1-l14-linearMSE.pth from "
                          "christophschuhmann/improved-aesthetic-predictor")
-    model = AestheticMLP(sd["layers.0.weight"].shape[1])
-    load_exact(model, sd, f"aesthetic predictor {path!r}")
-    return model.to(dtype).eval().requires_grad_(False) if dtype else model.eval().requires_grad_(False)
+    return build_and_load(lambda: AestheticMLP(sd["layers.0.weight"].shape[1]), sd, f"aesthetic predictor {path!r}",
+                          dtype)

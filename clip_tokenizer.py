@@ -19,6 +19,19 @@ from models import read_json
 #                          CLIP tokenizer (byte-level BPE)                      #
 #################################################################################
 
+def merge_pair(parts, pair):
+    """parts with every occurrence of the adjacent pair merged into one symbol, left to right."""
+    merged, i = [], 0
+    while i < len(parts):
+        if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
+            merged.append(parts[i] + parts[i + 1])
+            i += 2
+        else:
+            merged.append(parts[i])
+            i += 1
+    return merged
+
+
 def bytes_to_unicode():
     """GPT-2's reversible map of the 256 bytes to printable characters (printable Latin-1 bytes map to themselves,
     the others to chr(256 + n))."""
@@ -218,15 +231,7 @@ class CLIPTokenizer:
             best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(parts):                                  # merge every occurrence, left to right
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+            parts = merge_pair(parts, best)
         self.cache[word] = parts
         return parts
 

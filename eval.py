@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip import load_clip_model
-from clip_image import clip_preprocess, hps_preprocess, load_aesthetic
+from clip_image import clip_preprocess, hps_preprocess, load_aesthetic, to_pil_images
 from sample import (command_line, image_grid, load_run, parse_step_counts, read_run_meta, student_sample,
                     student_samples, teacher_sample, teacher_samples)
 from teachers import TEACHERS, load_teacher, read_prompts
@@ -243,7 +243,7 @@ class ImageScorer:
     def __call__(self, images, prompts):
         """images (B, 3, H, W) in [0, 1], prompts (B,) -> {metric: (B,) per image, 'features': (B, P) normalised
         CLIP image embeddings}."""
-        out = {}
+        out, images = {}, to_pil_images(images)                               # uint8, once for both
         for name, preprocess in (("clip", clip_preprocess), ("hps", hps_preprocess)):   # each as its reference does
             model = getattr(self, name)
             if model is None:

@@ -263,6 +263,7 @@ CLIP = dict(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_
 
 def learn_merges(text, n=80):
     """Greedy BPE on the lower-case letter runs of `text` (most frequent pair first, ties by the pair)."""
+    from clip_tokenizer import merge_pair
     words = collections.Counter(re.findall(r"[a-z]+", text.lower()))
     seqs = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
     merges = []
@@ -275,16 +276,7 @@ def learn_merges(text, n=80):
             break
         best = max(sorted(pairs), key=lambda p: pairs[p])
         merges.append(best)
-        for w, s in seqs.items():
-            out, i = [], 0
-            while i < len(s):
-                if i < len(s) - 1 and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            seqs[w] = out
+        seqs = {w: merge_pair(s, best) for w, s in seqs.items()}
     return merges
 
 

@@ -101,20 +101,28 @@ def test_encoder_parity_with_transformers(pipe, which):
     ids = tok(PROMPTS)
     with torch.no_grad():
         ours = enc(ids)
-        theirs = ref(input_ids=ids, output_hidden_states=True)
-    pairs = {"last_hidden_state": theirs.last_hidden_state, "penultimate_hidden_state": theirs.hidden_states[-2]}
-    if which == 2:
-        pairs["text_embeds"] = theirs.text_embeds
-        with torch.no_grad():
-            pairs["pooler_output"] = ref.text_model(input_ids=ids).pooler_output
-    else:
-        pairs["pooler_output"] = theirs.pooler_output
-    for name, want in pairs.items():
-        diff = (ours[name] - want).abs().max().item()
-        print(f"CLIP {which} {name}: max|diff| {diff:.2e}, max|h| {want.abs().max():.2f}")
-        assert ours[name].shape == want.shape and diff <= 1e-5, name
+    assert_text_outputs_match(ours, ref, ids, which, f"CLIP {which}", pooled_2=True)
     assert ours["last_hidden_state"].shape == (len(PROMPTS), 77, 32)
     assert (ours["penultimate_hidden_state"] - ours["last_hidden_state"]).abs().max() > 1e-2
+
+
+def assert_text_outputs_match(ours, ref, ids, which, label, pooled_2=False):
+    """Our text encoder's outputs `ours` on `ids` equal the transformers model `ref`'s to 1e-5: the last and
+    penultimate hidden states; which=1 the pooled output; which=2 the projected text_embeds (and the unprojected
+    pooled output if `pooled_2`)."""
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, output_hidden_states=True)
+        pairs = {"last_hidden_state": theirs.last_hidden_state, "penultimate_hidden_state": theirs.hidden_states[-2]}
+        if which == 2:
+            pairs["text_embeds"] = theirs.text_embeds
+            if pooled_2:
+                pairs["pooler_output"] = ref.text_model(input_ids=ids).pooler_output
+        else:
+            pairs["pooler_output"] = theirs.pooler_output
+    for key, want in pairs.items():
+        diff = (ours[key] - want).abs().max().item()
+        print(f"{label} {key}: max|diff| {diff:.2e}, max|h| {want.abs().max():.2f}")
+        assert ours[key].shape == want.shape and diff <= 1e-5, key
 
 
 def _theirs(sd, ref):
@@ -353,17 +361,8 @@ def test_single_file_encoders_parity_with_diffusers(sd_files):
             assert enc.with_projection == (which == 2)
             assert all(torch.equal(v, from_folder.state_dict()[k]) for k, v in enc.state_dict().items())
             with torch.no_grad():
-                out, theirs = enc(ids), ref(input_ids=ids, output_hidden_states=True)
-            pairs = {"last_hidden_state": theirs.last_hidden_state,
-                     "penultimate_hidden_state": theirs.hidden_states[-2]}
-            if which == 2:
-                pairs["text_embeds"] = theirs.text_embeds
-            else:
-                pairs["pooler_output"] = theirs.pooler_output
-            for key, want in pairs.items():
-                diff = (out[key] - want).abs().max().item()
-                print(f"{style} .{ext} CLIP which={which} {key}: max|diff| to diffusers {diff:.2e}")
-                assert out[key].shape == want.shape and diff <= 1e-5, key
+                out = enc(ids)
+            assert_text_outputs_match(out, ref, ids, which, f"{style} .{ext} CLIP which={which}")
 
 
 def test_single_file_errors_name_the_problem(sd_files, tmp_path):
