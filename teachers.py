@@ -520,6 +520,12 @@ class PixArtTeacher(LatentTextToImageTeacher):
         return net(x_t, t, emb, mask, added, **kw)                    # the DiT casts to its own dtype
 
 
+def _folder_is_sdxl(folder):
+    """Whether a diffusers folder's unet/config.json is SDXL's (addition_embed_type "text_time"); None without one."""
+    path = os.path.join(folder, "unet", "config.json")
+    return read_json(path).get("addition_embed_type") == "text_time" if os.path.isfile(path) else None
+
+
 class StableDiffusionTeacher(LatentTextToImageTeacher):
     """The Stable Diffusion teachers' common part: the UNet (unet.py) on CLIP text (clip.py), eps-prediction on
     the scaled-linear schedule, from a diffusers folder or the original single-file checkpoint (.safetensors /
@@ -537,10 +543,7 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
         if config_folder:
             sdxl = any(k.startswith("conditioner.embedders.1.") for k in checkpoint_shapes(path))
             release = "sdxl" if sdxl else "sd15"
-            unet_config = os.path.join(config_folder, "unet", "config.json")
-            folder_sdxl = os.path.isfile(unet_config) and \
-                read_json(unet_config).get("addition_embed_type") == "text_time"
-            if folder_sdxl != sdxl:
+            if bool(_folder_is_sdxl(config_folder)) != sdxl:
                 raise ValueError(f"{path!r} is an {release.upper()} checkpoint but --weights-config {config_folder!r} "
                                  f"describes the other release: pass the folder of a model like the file")
             cls.check_layout(config_folder)
@@ -556,13 +559,11 @@ class StableDiffusionTeacher(LatentTextToImageTeacher):
     @classmethod
     def check_layout(cls, folder):
         """As the base, and first: a folder of the other SD release is named as such."""
-        unet_config = os.path.join(folder, "unet", "config.json")
-        if os.path.isfile(unet_config):
-            sdxl = read_json(unet_config).get("addition_embed_type") == "text_time"
-            if sdxl != cls.SDXL:
-                kind, other = ("an SDXL", "sdxl") if sdxl else ("an SD1.x", "sd15")
-                raise ValueError(f"{folder!r} holds {kind} pipeline (unet/config.json addition_embed_type), not an "
-                                 f"{cls.NAME.upper()} one: use --teacher {other}")
+        sdxl = _folder_is_sdxl(folder)
+        if sdxl is not None and sdxl != cls.SDXL:
+            kind, other = ("an SDXL", "sdxl") if sdxl else ("an SD1.x", "sd15")
+            raise ValueError(f"{folder!r} holds {kind} pipeline (unet/config.json addition_embed_type), not an "
+                             f"{cls.NAME.upper()} one: use --teacher {other}")
         super().check_layout(folder)
 
     def load_network(self, weights, device, dtype):
