@@ -645,6 +645,4 @@ def load_clip_model(path, dtype=None, tokenizer_path=None):
     if n_ids > text.vocab_size:
         raise ValueError(f"{where}: the tokenizer has {n_ids} ids but the text tower embeds {text.vocab_size}; pass "
                          "the model's own tokenizer folder as tokenizer_path")
-    model = build_and_load(lambda: CLIPModel(text, vision), sd, where, dtype)
-    model.tokenizer = tokenizer
-    return model
+    return build_and_load(lambda: CLIPModel(text, vision, tokenizer), sd, where, dtype)
